@@ -1,0 +1,40 @@
+# The project's front door: `make demo` and `make test` do all set-up themselves.
+#   make test                       the test suite under python3
+#   make test PYTHON=/path/to/py    the same under another interpreter (e.g. free-threaded 3.13t)
+#   make demo                       a 10-second hot-swap under load
+#   make bench                      the benchmarks (writes benchmarks/results/*.json)
+#   make lint                       ruff and mypy --strict
+PYTHON ?= python3
+# One virtual environment per interpreter build, e.g. .venv/cpython-311 and .venv/cpython-313t.
+TAG := $(shell $(PYTHON) -c "import sys, sysconfig; print(sys.implementation.cache_tag + ('t' if sysconfig.get_config_var('Py_GIL_DISABLED') else ''))")
+VENV ?= .venv/$(TAG)
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SECONDS ?= 10
+
+.PHONY: test demo bench lint clean
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+demo: $(STAMP)
+	$(VPY) -m qsbr demo --seconds $(SECONDS)
+
+bench: $(STAMP)
+	$(VPY) -m qsbr bench
+
+lint: $(STAMP)
+	$(VPY) -m pip install --quiet -e '.[lint]'
+	$(VPY) -m ruff check src tests benchmarks examples
+	$(VPY) -m mypy
+
+clean:
+	rm -rf .venv build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,620 @@
+"""The QSBR domain: wr_seq, rd_seq, goals, polling, grace periods.
+
+A ``Domain`` is the design's per-interpreter QSBR state, for Python code:
+
+* ``wr_seq`` starts at 1 and advances by 2, so it is always odd;
+* each registered thread copies ``wr_seq`` into its own ``seq`` at every
+  quiescent state (``quiescent()``), and publishes 0 while detached;
+* ``rd_seq`` is the minimum ``seq`` over attached threads as of the last
+  scan, and never decreases;
+* ``retire(obj, release)`` tags the object with a *goal* from
+  ``deferred_advance()`` (``wr_seq + 2``, advancing only every
+  ``deferred_limit``-th call of a thread) and queues it;
+* ``poll()`` recomputes ``rd_seq`` and runs every release whose goal <= rd_seq.
+
+Safety argument, in one paragraph (docs/design.md has it in full). A writer
+unlinks R, then reads wr_seq = w and tags R with goal g = w + 2. Some thread
+later advances wr_seq to g; that advance comes after the writer's read of w
+in wr_seq's modification order, hence after the unlink. A reader whose
+seq >= g copied a wr_seq value >= g, so its quiescent() ran after that
+advance and therefore after the unlink; every use of R it made before was
+finished (program order), and every later read finds the new value. A
+detached reader (seq 0) holds nothing; when it attaches it copies wr_seq
+first and reads shared data after. So once rd_seq >= g no attached thread
+can hold R. Python-level loads and stores of attributes are sequentially
+consistent under the GIL, and on free-threaded CPython attribute stores and
+loads of an object's slots are atomic with release/acquire ordering at least
+(docs/design.md: "Memory ordering"), which is what the chain above needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterator
+
+from ._unraisable import report_unraisable
+from .deferred import NO_ARG, DeferredQueue, ErrorHandler
+from .errors import NotRegisteredError
+from .scan import FlatRegistry
+from .stats import DomainStats
+from .thread_state import ExitSentinel, ThreadState
+
+__all__ = ["Domain", "default_domain"]
+
+_RELEASE_ERROR_MSG = "Exception ignored in a qsbr release of"
+
+#: Every live domain, so that an os.fork() child can repair each of them.
+_domains: weakref.WeakSet[Domain] = weakref.WeakSet()
+
+
+class Domain:
+    """A QSBR domain. See the module docstring and docs/api.md."""
+
+    __slots__ = (
+        "_wr_seq",
+        "_rd_seq",
+        "_tls",
+        "_deferred_limit",
+        "_lock",
+        "_registry",
+        "_queue",
+        "_on_release_error",
+        "_reclaimer",
+        "_reclaim_interval",
+        "_closed",
+        "_advances",
+        "_polls",
+        "_failed_polls",
+        "_scans",
+        "_grace_periods",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        *,
+        deferred_limit: int = 10,
+        background: bool = False,
+        reclaim_interval: float = 0.005,
+        on_release_error: ErrorHandler | None = None,
+    ) -> None:
+        """Create a domain.
+
+        deferred_limit: a thread advances wr_seq on every deferred_limit-th
+            deferred_advance()/retire(); the calls between share one goal.
+        background: start a reclaimer thread that polls, so that writers never
+            run releases themselves. Without it, retire() polls every
+            deferred_limit-th call and any poll()/barrier() runs what is ready.
+        reclaim_interval: how often the reclaimer polls while work is pending.
+        on_release_error: called as on_release_error(exc, obj) when a release
+            raises; by default the exception goes to sys.unraisablehook.
+        """
+        if isinstance(deferred_limit, bool) or not isinstance(deferred_limit, int):
+            raise TypeError(f"deferred_limit must be an int >= 1, not {deferred_limit!r}")
+        if deferred_limit < 1:
+            raise ValueError(
+                f"deferred_limit must be >= 1 (1 advances wr_seq on every retire), got {deferred_limit}"
+            )
+        if not reclaim_interval > 0:
+            raise ValueError(f"reclaim_interval must be > 0 seconds, got {reclaim_interval!r}")
+        if on_release_error is not None and not callable(on_release_error):
+            raise TypeError("on_release_error must be callable(exc, obj) or None")
+        self._wr_seq = 1
+        self._rd_seq = 1
+        self._tls = threading.local()
+        self._deferred_limit = deferred_limit
+        # Guards wr_seq advances, rd_seq updates and the counters below.
+        self._lock = threading.Lock()
+        self._registry = FlatRegistry()
+        self._queue = DeferredQueue()
+        self._on_release_error = on_release_error
+        self._reclaim_interval = float(reclaim_interval)
+        self._closed = False
+        self._advances = 0
+        self._polls = 0
+        self._failed_polls = 0
+        self._scans = 0
+        self._grace_periods = 0
+        self._reclaimer: _Reclaimer | None = None
+        _domains.add(self)
+        if background:
+            self._reclaimer = _Reclaimer(self)
+            self._reclaimer.start()
+
+    def __repr__(self) -> str:
+        return (
+            f"<qsbr.Domain wr_seq={self._wr_seq} rd_seq={self._rd_seq} "
+            f"threads={len(self._registry)} pending={self.pending}>"
+        )
+
+    # -- sequence numbers ------------------------------------------------
+
+    @property
+    def wr_seq(self) -> int:
+        """The global write sequence: starts at 1, +2 per advance, always odd."""
+        return self._wr_seq
+
+    @property
+    def rd_seq(self) -> int:
+        """min(seq) over attached threads as of the last scan; never decreases."""
+        return self._rd_seq
+
+    @property
+    def deferred_limit(self) -> int:
+        return self._deferred_limit
+
+    def advance(self) -> int:
+        """wr_seq += 2; returns the new wr_seq."""
+        with self._lock:
+            # A read-modify-write: the lock makes concurrent advances add up.
+            # The store publishes the new value to quiescent() readers, who
+            # read it without a lock (a single atomic attribute load).
+            self._wr_seq = new = self._wr_seq + 2
+            self._advances += 1
+        return new
+
+    def deferred_advance(self) -> int:
+        """The goal for a new retirement: wr_seq + 2 without advancing, except
+        on every deferred_limit-th call of the calling thread, which advances
+        and returns the new wr_seq."""
+        state = getattr(self._tls, "state", None)
+        if state is None:
+            # Unregistered callers keep their count in the thread-local.
+            tls = self._tls
+            n = getattr(tls, "deferrals", 0) + 1
+            if n < self._deferred_limit:
+                tls.deferrals = n
+                return self._wr_seq + 2
+            tls.deferrals = 0
+            return self.advance()
+        n = state.deferrals + 1
+        if n < self._deferred_limit:
+            state.deferrals = n
+            # Safe to hand out without advancing: whoever advances next
+            # publishes this value, and poll() advances if nobody does.
+            return self._wr_seq + 2
+        state.deferrals = 0
+        return self.advance()
+
+    def goal_reached(self, goal: int) -> bool:
+        """goal <= rd_seq, without scanning."""
+        return goal <= self._rd_seq
+
+    # -- registration ----------------------------------------------------
+
+    def register(self) -> None:
+        """The calling thread joins the domain, attached, with seq = wr_seq."""
+        tls = self._tls
+        if getattr(tls, "state", None) is not None:
+            raise RuntimeError(
+                "this thread is already registered with this domain; "
+                "call unregister() first, or use `with domain.registered():` once"
+            )
+        t = threading.current_thread()
+        state = ThreadState(threading.get_ident(), t.name, 0)
+        # seq is set before the state is published in the registry, so a
+        # scanner never sees a registered-but-unset state as attached 0.
+        state.seq = self._wr_seq
+        self._registry.add(state)
+        tls.state = state
+        tls.q = state
+        tls.sentinel = ExitSentinel(self, state)
+
+    def unregister(self) -> None:
+        """The calling thread leaves. What it retired stays queued, owned by
+        the domain: never lost, never released early."""
+        tls = self._tls
+        state = self._state_or_raise("unregister")
+        sentinel = tls.sentinel
+        sentinel.armed = False
+        del tls.sentinel, tls.q, tls.state
+        self._forget(state)
+
+    def _forget(self, state: ThreadState) -> None:
+        # Publish "detached" first: a scanner holding an older registry
+        # snapshot then leaves this thread out instead of waiting on it.
+        state.seq = 0
+        self._registry.remove(state)
+
+    def _thread_exited(self, state: ThreadState) -> None:
+        """Called by ExitSentinel when a registered thread ends."""
+        if state.pid != os.getpid():
+            # A thread of the parent, destroyed in a forked child: the
+            # after-fork hook already rebuilt the registry without it.
+            return
+        self._forget(state)
+
+    def is_registered(self) -> bool:
+        """Whether the calling thread is registered."""
+        return getattr(self._tls, "state", None) is not None
+
+    @contextlib.contextmanager
+    def registered(self) -> Iterator[Domain]:
+        """``with domain.registered():`` register on enter, unregister on exit."""
+        self.register()
+        try:
+            yield self
+        finally:
+            self.unregister()
+
+    def _state_or_raise(self, what: str) -> ThreadState:
+        try:
+            state: ThreadState = self._tls.state
+        except AttributeError:
+            raise NotRegisteredError(
+                f"{what}() needs the calling thread to be registered: call "
+                "domain.register() first (or use `with domain.registered():`)"
+            ) from None
+        return state
+
+    # -- readers: quiescent states --------------------------------------
+
+    def quiescent(self) -> None:
+        """Report a quiescent state: the calling thread holds no reference
+        to anything it read from shared structures. Takes no lock."""
+        try:
+            # One load of wr_seq, one store into this thread's own state (or
+            # into its private sink while detached). Only this thread writes
+            # that seq; scanners read it. The store is ordered after every
+            # read of shared data this thread made before the call.
+            self._tls.q.seq = self._wr_seq
+        except AttributeError:
+            raise NotRegisteredError(
+                "quiescent() needs the calling thread to be registered: call "
+                "domain.register() first (or use `with domain.registered():`)"
+            ) from None
+
+    def detach(self) -> None:
+        """Leave rd_seq while blocking (I/O, sleep, waiting for work): the
+        thread must hold no shared references until attach()."""
+        state = self._state_or_raise("detach")
+        # seq = 0 is stored after every read this thread made (program
+        # order), so a scanner that sees 0 may ignore this thread.
+        state.seq = 0
+        self._tls.q = state.sink
+
+    def attach(self) -> None:
+        """Rejoin after detach(): seq = wr_seq, before any shared read."""
+        state = self._state_or_raise("attach")
+        state.seq = self._wr_seq
+        self._tls.q = state
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """``with domain.detached(): blocking_call()``"""
+        state = self._state_or_raise("detached")
+        was_attached = state.seq != 0
+        self.detach()
+        try:
+            yield
+        finally:
+            if was_attached:
+                self.attach()
+
+    # -- writers: retiring -----------------------------------------------
+
+    def retire(self, obj: Any, release: Callable[[Any], Any]) -> int:
+        """Schedule release(obj) for when no thread can still hold obj.
+
+        Call it after obj is unlinked (no new reader can reach it). Returns
+        the goal: ``poll(goal)`` / ``goal_reached(goal)`` tell when it is met.
+        """
+        if not callable(release):
+            raise TypeError(
+                f"release must be callable, e.g. retire(obj, obj.close); got {type(release).__name__}"
+            )
+        return self._schedule(release, obj)
+
+    def defer(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
+        """Schedule fn(*args, **kwargs) like retire() schedules a release."""
+        if not callable(fn):
+            raise TypeError(f"defer() needs a callable, got {type(fn).__name__}")
+        if args or kwargs:
+            return self._schedule(_Call(fn, args, kwargs), NO_ARG)
+        return self._schedule(fn, NO_ARG)
+
+    def _schedule(self, fn: Callable[..., Any], arg: Any) -> int:
+        try:
+            state: ThreadState = self._tls.state
+        except AttributeError:
+            raise NotRegisteredError(
+                "retire()/defer() need the calling thread to be registered: call "
+                "domain.register() first (or use `with domain.registered():`)"
+            ) from None
+        # deferred_advance(), inlined: this is every writer's hot path.
+        n = state.deferrals + 1
+        if n < self._deferred_limit:
+            state.deferrals = n
+            goal = self._wr_seq + 2
+            self._queue.push((goal, state, fn, arg))
+            return goal
+        state.deferrals = 0
+        goal = self.advance()
+        self._queue.push((goal, state, fn, arg))
+        self._after_advance()
+        return goal
+
+    def _after_advance(self) -> None:
+        """Every deferred_limit-th retirement: let the reclaimer know, or,
+        without one, poll here so pending work does not pile up."""
+        reclaimer = self._reclaimer
+        if reclaimer is not None and not self._closed:
+            reclaimer.wake.set()
+        elif not getattr(self._tls, "in_release", False):
+            self._poll(None)
+
+    # -- reclamation -----------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Scheduled releases not yet run."""
+        return len(self._queue)
+
+    def poll(self, goal: int | None = None) -> bool:
+        """Recompute rd_seq and run every pending release whose goal <= rd_seq.
+
+        Returns goal <= rd_seq; with no goal, whether nothing is left pending.
+        """
+        return self._poll(goal)
+
+    def _poll(self, goal: int | None) -> bool:
+        queue = self._queue
+        # A goal handed out by deferred_advance() may be wr_seq + 2 that
+        # nobody has advanced to yet; no quiescent state could ever reach
+        # it, so advance now. (The newest item has the largest goal, give or
+        # take the out-of-order appends described in deferred.py; those
+        # are caught by the next poll.)
+        want = queue.last_goal() if goal is None else goal
+        if want > self._wr_seq:
+            self.advance()
+        caller: ThreadState | None = getattr(self._tls, "state", None)
+        rd, alone = self._scan(caller)
+        taken = queue.take_ready(rd, caller if alone else None)
+        with self._lock:
+            self._polls += 1
+            if taken is None and len(queue):
+                self._failed_polls += 1
+        if taken is not None:
+            self._run_batch(*taken)
+        if goal is None:
+            return len(queue) == 0
+        return goal <= self._rd_seq
+
+    def _scan(self, caller: ThreadState | None) -> tuple[int, bool]:
+        """Scan the threads; publish and return rd_seq, and whether the
+        caller is the only attached thread."""
+        # wr_seq is read before the scan (see FlatRegistry.scan).
+        wr = self._wr_seq
+        result = self._registry.scan(wr, caller)
+        with self._lock:
+            self._scans += 1
+            # rd_seq never decreases: a thread that registered or attached
+            # with an older wr_seq than the last scan saw cannot hold
+            # anything that scan certified (see scan.py), so we keep the
+            # larger value. Compare-and-store under the lock so that two
+            # pollers cannot move it backwards.
+            if result.min_seq > self._rd_seq:
+                self._rd_seq = result.min_seq
+                self._grace_periods += 1
+            rd = self._rd_seq
+        return rd, result.caller_alone
+
+    def _run_batch(self, bid: int, batch: Any) -> None:
+        tls = self._tls
+        outer = getattr(tls, "in_release", False)
+        tls.in_release = True
+        try:
+            self._queue.run(bid, batch, self._report_error)
+        finally:
+            tls.in_release = outer
+
+    def _report_error(self, exc: BaseException, obj: Any) -> None:
+        handler = self._on_release_error
+        if handler is not None:
+            try:
+                handler(exc, obj)
+                return
+            except Exception as handler_exc:
+                report_unraisable(handler_exc, handler, "Exception in qsbr on_release_error handler")
+        report_unraisable(exc, obj, _RELEASE_ERROR_MSG)
+
+    def _refuse_in_release(self, what: str) -> None:
+        if getattr(self._tls, "in_release", False):
+            raise RuntimeError(
+                f"{what}() was called from inside a release; it would wait for "
+                "the release that is calling it and deadlock. Use retire()/defer() "
+                "or poll() from a release instead."
+            )
+
+    def synchronize(self, timeout: float | None = None) -> bool:
+        """Wait until every thread attached at the call has passed a
+        quiescent state after it; False on timeout. A registered caller
+        counts as quiescent while it waits."""
+        self._refuse_in_release("synchronize")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait_for_grace_period(deadline)
+
+    def _wait_for_grace_period(self, deadline: float | None) -> bool:
+        caller: ThreadState | None = getattr(self._tls, "state", None)
+        target = self.advance()
+        # The caller is quiescent while it waits (it holds nothing across
+        # this call); a detached caller stays detached.
+        if caller is not None and caller.seq:
+            caller.seq = target
+        delay = 0.0
+        while True:
+            rd, _ = self._scan(caller)
+            if rd >= target:
+                if caller is not None and caller.seq:
+                    caller.seq = self._wr_seq
+                return True
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                delay = min(delay, left)
+            # Readers quiesce without any signal we could wait on, so back
+            # off from a yield to at most 2 ms between scans.
+            time.sleep(delay)
+            delay = min(max(delay * 2, 5e-5), 2e-3)
+
+    def barrier(self, timeout: float | None = None) -> bool:
+        """Wait until every release scheduled before the call has run;
+        False on timeout. A registered caller counts as quiescent."""
+        self._refuse_in_release("barrier")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queue = self._queue
+        ticket = queue.ticket()
+        caller: ThreadState | None = getattr(self._tls, "state", None)
+        while not queue.done_before(ticket):
+            # Everything queued before the ticket has goal <= wr_seq + 2 as
+            # of now, and one grace period from here covers that goal.
+            if not self._wait_for_grace_period(deadline):
+                return False
+            rd, alone = self._scan(caller)
+            taken = queue.take_ready(rd, caller if alone else None)
+            if taken is not None:
+                self._run_batch(*taken)
+            # Other threads may be running batches that hold our items.
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not queue.wait_batches(ticket, left):
+                return False
+        return True
+
+    # -- observability -----------------------------------------------------
+
+    def stats(self) -> DomainStats:
+        queue = self._queue
+        states = self._registry.states()
+        with self._lock:
+            pending = len(queue)
+            released = queue.released
+            return DomainStats(
+                wr_seq=self._wr_seq,
+                rd_seq=self._rd_seq,
+                advances=self._advances,
+                polls=self._polls,
+                failed_polls=self._failed_polls,
+                scans=self._scans,
+                grace_periods=self._grace_periods,
+                retired=released + pending,
+                releases=released,
+                release_errors=queue.errors,
+                pending=pending,
+                max_pending=max(queue.max_pending, pending),
+                threads=len(states),
+                attached=sum(1 for s in states if s.seq),
+            )
+
+    # -- lifetime ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the background reclaimer, if any, and run what is ready.
+
+        Releases still pending are not dropped: they run, once safe, at a
+        later poll() or barrier() (the domain stays usable; retire() polls
+        by itself again, as without a reclaimer)."""
+        if self._closed:
+            return
+        self._closed = True
+        reclaimer, self._reclaimer = self._reclaimer, None
+        if reclaimer is not None:
+            reclaimer.stop()
+        if not getattr(self._tls, "in_release", False):
+            self._poll(None)
+
+    def __enter__(self) -> Domain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _after_fork_child(self) -> None:
+        """Only the forking thread survives a fork; keep its state alone."""
+        self._lock = threading.Lock()
+        me: ThreadState | None = getattr(self._tls, "state", None)
+        if me is not None:
+            me.pid = os.getpid()
+        self._registry.reset(me)
+        self._queue.reset_after_fork()
+        if self._reclaimer is not None:
+            # The reclaimer thread did not survive; start a fresh one.
+            self._reclaimer = _Reclaimer(self)
+            self._reclaimer.start()
+
+
+class _Call:
+    """fn(*args, **kwargs) packed into one callable for defer()."""
+
+    __slots__ = ("fn", "args", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"<deferred call {self.fn!r}>"
+
+
+class _Reclaimer:
+    """The optional background thread that polls for a domain."""
+
+    def __init__(self, domain: Domain) -> None:
+        self._domain_ref = weakref.ref(domain)
+        self._interval = domain._reclaim_interval
+        self.wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="qsbr-reclaimer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self.wake.wait(self._interval)
+            self.wake.clear()
+            domain = self._domain_ref()
+            if domain is None:
+                return
+            if domain.pending:
+                domain._poll(None)
+            del domain  # do not keep the domain alive while sleeping
+
+
+_default: Domain | None = None
+_default_lock = threading.Lock()
+
+
+def default_domain() -> Domain:
+    """The process-wide domain, created on first use."""
+    global _default
+    d = _default
+    if d is None:
+        with _default_lock:
+            if _default is None:
+                _default = Domain()
+            d = _default
+    return d
+
+
+def _after_fork_in_child() -> None:
+    for d in list(_domains):
+        d._after_fork_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,90 @@
+"""Per-thread state: the design's "per-thread read sequence".
+
+Each registered thread owns one ``ThreadState``. Its ``seq`` is the value of
+``wr_seq`` the thread copied at its last quiescent state, or 0 while the
+thread is detached (detached threads hold no shared references and are left
+out of ``rd_seq``). Only the owning thread ever writes its ``seq``; scanners
+in other threads only read it. That single-writer rule is what lets
+``quiescent()`` be one plain store with no lock.
+
+A thread finds its state through the domain's ``threading.local``. The local
+holds, under the attribute ``q``, the object that ``quiescent()`` stores
+into: the ``ThreadState`` itself while the thread is attached, or a private
+``Sink`` while it is detached, so that a quiescent() call from a detached
+thread cannot silently re-attach it and costs no extra branch on the hot path.
+
+Invariant (kept by Domain.register/attach/detach/unregister):
+    tls.q is tls.state  <=>  tls.state.seq != 0  (the thread is attached)
+
+A thread that exits while registered must not hold reclamation back forever
+(CPython's gh-130794). The local also holds an ``ExitSentinel``; when the
+thread ends, CPython clears the thread's locals, the sentinel is destroyed,
+and its ``__del__`` unregisters the state. This works on 3.11 and on
+free-threaded 3.13t (tests/test_threads.py checks it on both).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .domain import Domain
+
+__all__ = ["ThreadState", "Sink", "ExitSentinel"]
+
+
+class Sink:
+    """Where a detached thread's quiescent() stores land; nobody reads it."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+
+class ThreadState:
+    """One registered thread's view of the domain."""
+
+    __slots__ = ("seq", "deferrals", "ident", "name", "pid", "sink", "__weakref__")
+
+    def __init__(self, ident: int, name: str, seq: int) -> None:
+        #: wr_seq as of this thread's last quiescent state; 0 = detached.
+        self.seq = seq
+        #: deferred_advance() calls since this thread last advanced wr_seq.
+        self.deferrals = 0
+        self.ident = ident
+        self.name = name
+        #: The process that registered the thread: after os.fork() the states
+        #: of threads that did not survive are recognised by a stale pid.
+        self.pid = os.getpid()
+        self.sink = Sink()
+
+    def __repr__(self) -> str:
+        return f"<ThreadState {self.name!r} ident={self.ident} seq={self.seq}>"
+
+
+class _ExitHandler(Protocol):
+    def _thread_exited(self, state: ThreadState) -> None: ...
+
+
+class ExitSentinel:
+    """Lives only in a thread's locals; unregisters the thread when it dies."""
+
+    __slots__ = ("domain_ref", "state", "armed")
+
+    def __init__(self, domain: Domain, state: ThreadState) -> None:
+        self.domain_ref: weakref.ReferenceType[Domain] = weakref.ref(domain)
+        self.state = state
+        # Disarmed by an explicit unregister(), so a thread is never
+        # unregistered twice.
+        self.armed = True
+
+    def __del__(self) -> None:
+        if not self.armed:
+            return
+        self.armed = False
+        domain = self.domain_ref()
+        if domain is not None:
+            domain._thread_exited(self.state)
