@@ -1,0 +1,83 @@
+"""Rule 6: after os.fork() the child keeps only the forking thread's state."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+
+import pytest
+
+import qsbr
+from conftest import Worker
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def _in_child(check: object) -> None:
+    """Fork; run check() in the child; fail the test if the child fails."""
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() with threads running: that is the case under test.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            check()  # type: ignore[operator]
+            code = 0
+        except BaseException as exc:  # noqa: BLE001
+            print(f"child failed: {exc!r}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the check in the forked child failed"
+
+
+def test_child_keeps_only_the_forking_thread(domain: qsbr.Domain, worker: Worker) -> None:
+    worker.call(domain.register)  # attached, never quiescent: would block everything
+    domain.register()
+    released: list[int] = []
+    domain.retire(1, released.append)
+    assert not domain.poll()
+
+    def check() -> None:
+        s = domain.stats()
+        assert s.threads == 1 and s.attached == 1, s
+        assert domain.is_registered()
+        # The worker did not survive the fork: nothing waits on it.
+        assert domain.barrier(timeout=5)
+        assert released == [1]
+        domain.retire(2, released.append)
+        assert domain.barrier(timeout=5)
+        assert released == [1, 2]
+        # New threads work in the child.
+        t = threading.Thread(target=lambda: domain.register() or domain.unregister())
+        t.start()
+        t.join(timeout=5)
+        assert domain.stats().threads == 1
+
+    _in_child(check)
+    # The parent is untouched: the worker still holds the release back.
+    assert domain.stats().threads == 2
+    assert released == []
+    worker.call(domain.unregister)
+    assert domain.barrier(timeout=5)
+    assert released == [1]
+    domain.unregister()
+
+
+def test_child_of_unregistered_thread(domain: qsbr.Domain, worker: Worker) -> None:
+    worker.call(domain.register)
+
+    def check() -> None:
+        assert domain.stats().threads == 0
+        assert not domain.is_registered()
+        with domain.registered():
+            got: list[int] = []
+            domain.retire(3, got.append)
+            assert domain.poll()
+            assert got == [3]
+
+    _in_child(check)
+    worker.call(domain.unregister)

@@ -1,0 +1,133 @@
+"""Stress: readers use the current resource and quiesce now and then while a
+writer swaps it and retires the old one. A reader that ever sees a released
+resource fails the test; at the end barrier() leaves nothing pending and each
+resource was released exactly once."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import qsbr
+
+HOLD = 50
+SECONDS = float(os.environ.get("QSBR_STRESS_SECONDS", "2.0"))
+
+
+class Resource:
+    __slots__ = ("version", "closed", "close_count")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.closed = False
+        self.close_count = 0
+
+    def close(self) -> None:
+        self.close_count += 1
+        self.closed = True
+
+
+class Box:
+    """The shared slot readers load from; the writer stores into it."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, r: Resource) -> None:
+        self.current = r
+
+
+class IgnoresReaders(qsbr.Domain):
+    """Deliberately broken: rd_seq jumps to wr_seq, ignoring every reader."""
+
+    __slots__ = ()
+
+    def _scan(self, caller: Any) -> tuple[int, bool]:
+        self._rd_seq = self._wr_seq
+        return self._wr_seq, False
+
+
+def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Resource], list[int]]:
+    box = Box(Resource(0))
+    all_resources: list[Resource] = [box.current]
+    stop = threading.Event()
+    failures: list[str] = []
+    reads = [0] * 4
+
+    def reader(k: int) -> None:
+        n = 0
+        with domain.registered():
+            while not stop.is_set():
+                r = box.current  # lock-free load
+                for _ in range(HOLD):  # use it for a while
+                    if r.closed:
+                        failures.append(f"reader {k} saw version {r.version} closed")
+                        return
+                n += 1
+                if n % 16 == 0:
+                    domain.quiescent()
+                if n % 4096 == 0:
+                    with domain.detached():
+                        pass
+        reads[k] = n
+
+    def writer() -> None:
+        version = 0
+        with domain.registered():
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                version += 1
+                new = Resource(version)
+                all_resources.append(new)
+                old, box.current = box.current, new  # unlink
+                domain.retire(old, Resource.close)
+                domain.quiescent()  # the writer holds nothing across swaps
+                if version % 64 == 0:
+                    domain.poll()
+
+    readers = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    w = threading.Thread(target=writer)
+    for t in readers:
+        t.start()
+    w.start()
+    w.join(timeout=seconds + 60)
+    stop.set()
+    for t in readers:
+        t.join(timeout=30)
+    assert not w.is_alive() and not any(t.is_alive() for t in readers)
+    return failures, all_resources, reads
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("background", [False, True], ids=["writer-polls", "reclaimer"])
+@pytest.mark.parametrize("deferred_limit", [1, 10])
+def test_readers_never_see_a_released_resource(background: bool, deferred_limit: int) -> None:
+    domain = qsbr.Domain(deferred_limit=deferred_limit, background=background)
+    failures, all_resources, reads = run_stress(domain, SECONDS)
+    assert not failures, failures[:5]
+    box_last = all_resources[-1]
+    # Retire the last version too, then drain.
+    with domain.registered():
+        domain.retire(box_last, Resource.close)
+    assert domain.barrier(timeout=30)
+    assert domain.pending == 0
+    counts: dict[int, Any] = {r.version: r.close_count for r in all_resources}
+    assert set(counts.values()) == {1}, {v: c for v, c in counts.items() if c != 1}
+    s = domain.stats()
+    assert s.releases == len(all_resources) and s.release_errors == 0
+    assert len(all_resources) > 10 and sum(reads) > 0
+    domain.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_stress_test_catches_a_domain_that_ignores_readers() -> None:
+    """The check above can fail: a domain that ignores readers is caught."""
+    failures: list[str] = []
+    for _ in range(5):  # a race: a few rounds make a miss vanishingly unlikely
+        failures, _, _ = run_stress(IgnoresReaders(deferred_limit=1), 1.0)
+        if failures:
+            break
+    assert failures, "the stress harness did not notice releases under live readers"
