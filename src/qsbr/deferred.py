@@ -1,201 +1,278 @@
-"""Deferred work: the design's "deferred-free list".
+"""Deferred work: the design's "deferred-free list", one per thread.
 
-Each retire() appends one item, tagged with its goal, to a domain-wide FIFO
-queue (a ``collections.deque``: append and popleft are atomic on both the
-GIL and the free-threaded build, so retire() takes no lock). A poller takes
-the ready prefix of the queue (every item whose goal <= rd_seq) as a *batch*
-under the queue lock, and runs it *after* releasing that lock, so a release
-may call retire() or poll() again and can never deadlock on us.
+As in CPython, every registered thread keeps its own list of pending
+releases (``ThreadState.pending``); retire() appends to the caller's list
+and takes no lock. A list is flat: three entries per release,
 
-Item layout, a 4-tuple (kept small: it is built on every retire()):
-    (goal, owner, fn, arg)   runs fn(arg), or fn() when arg is NO_ARG
+    [goal, fn, arg,  goal, fn, arg,  ...]      a release is fn(arg)
+
+appended with one ``list.extend`` (a single atomic operation on the GIL and
+the free-threaded build, so a reader of the list never sees a partial
+triple). Pollers in any thread take *ready prefixes* of these lists (every
+triple whose goal <= rd_seq) into a batch under ``_lock`` and run the batch
+after releasing it, so a release may call retire() or poll() again.
 
 Invariants:
-* An item leaves the queue only under ``_lock`` and goes into exactly one
-  batch; a batch is run by exactly one thread, so each release runs once.
-* Goals in the queue are almost sorted: two threads may append out of goal
-  order (goal read, then append, is not atomic). A poller stops at the first
-  item that is not ready, so an out-of-order item can be released *later*
-  than it could be, never earlier.
-* ``_taken`` counts items ever taken into batches; together with the batches
-  still running it tells barrier() when everything queued before it has run.
+* Only the owning thread appends to its list; only a poller holding
+  ``_lock`` removes from it, and only from the front. So between the
+  poller's ``buf[:j]`` and ``del buf[:j]`` the prefix cannot change.
+* Goals in one list never decrease: one thread reads wr_seq, which only
+  grows, in program order. So "the last goal is ready" means "all are", and
+  the ready part of a list is a prefix found by binary search.
+* A triple leaves a list only inside a batch, and a batch is run by one
+  thread: each release runs exactly once.
+* When a thread leaves (unregister, thread exit, fork) its list is moved,
+  whole, into ``_adopted`` under ``_lock``: the domain takes its backlog over
+  (the bug of CPython's gh-130794 was losing it). Adopted lists keep their
+  order and are polled like the others.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterable
 
 from .thread_state import ThreadState
 
-__all__ = ["NO_ARG", "Item", "DeferredQueue", "ErrorHandler"]
+__all__ = ["DeferredWork", "ErrorHandler", "call_no_arg", "Call"]
 
-
-class _NoArg:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NO_ARG"
-
-
-#: Marks an item created by defer(): its callable takes no argument.
-NO_ARG: Any = _NoArg()
-
-Item = Tuple[int, Optional[ThreadState], Callable[..., Any], Any]
 ErrorHandler = Callable[[BaseException, Any], None]
 
 
-class _Batch:
-    """Items taken together, run by one thread."""
-
-    __slots__ = ("start", "items")
-
-    def __init__(self, start: int, items: deque[Item]) -> None:
-        self.start = start  # value of DeferredQueue._taken before this batch
-        self.items = items
+def call_no_arg(fn: Callable[[], Any]) -> None:
+    """The release of a defer(fn) item: fn()."""
+    fn()
 
 
-class DeferredQueue:
-    """Pending releases, oldest first."""
+class Call:
+    """fn(*args, **kwargs) packed into one object for defer()."""
+
+    __slots__ = ("fn", "args", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"<deferred call of {self.fn!r}>"
+
+
+def _ready_prefix(buf: list[Any], n: int, rd_seq: int) -> int:
+    """Length of the prefix of buf[:n] whose goals are <= rd_seq."""
+    if buf[n - 3] <= rd_seq:  # goals never decrease: all ready
+        return n
+    lo, hi = 0, n // 3
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if buf[3 * mid] <= rd_seq:
+            lo = mid + 1
+        else:
+            hi = mid
+    return 3 * lo
+
+
+class Batch:
+    """Triples taken together; run by exactly one thread."""
+
+    __slots__ = ("chunks", "remaining", "min_goal", "bid")
+
+    def __init__(self, chunks: list[list[Any]], min_goal: int) -> None:
+        self.chunks = chunks
+        n = 0
+        for c in chunks:
+            n += len(c)
+        self.remaining = n // 3
+        self.min_goal = min_goal
+        self.bid = -1
+
+
+class DeferredWork:
+    """Every pending release of one domain, and the batches being run."""
 
     def __init__(self) -> None:
-        self._items: deque[Item] = deque()
         self._lock = threading.Lock()
         self._batch_done = threading.Condition(self._lock)
-        self._running: dict[int, _Batch] = {}
+        self._adopted: list[list[Any]] = []
+        self._running: dict[int, Batch] = {}
         self._next_batch_id = 0
-        self._taken = 0
         self.released = 0
         self.errors = 0
         self.max_pending = 0
+        #: poll() calls (each ends in one take_ready), and those that found
+        #: work pending but nothing ready.
+        self.polls = 0
+        self.failed_polls = 0
 
-    def reset_after_fork(self) -> None:
-        """In a forked child: batches run by other threads died with them."""
+    def reset_after_fork(self, departed: Iterable[ThreadState]) -> None:
+        """In a forked child: adopt the backlogs of threads that did not
+        survive; batches other threads were running died with them."""
         self._lock = threading.Lock()
         self._batch_done = threading.Condition(self._lock)
         self._running.clear()
+        for st in departed:
+            self._adopt_locked(st)
 
-    # -- producers -------------------------------------------------------
+    # -- taking over a departing thread's backlog --------------------------
 
-    def push(self, item: Item) -> None:
-        self._items.append(item)
-
-    # -- observers -------------------------------------------------------
-
-    def __len__(self) -> int:
-        """Scheduled releases not yet run (queued plus in running batches)."""
+    def adopt(self, state: ThreadState) -> None:
         with self._lock:
-            n = len(self._items)
-            for batch in self._running.values():
-                n += len(batch.items)
-            return n
+            self._adopt_locked(state)
 
-    def last_goal(self) -> int:
-        """The goal of the newest item, or 0 when the queue is empty."""
-        try:
-            return self._items[-1][0]
-        except IndexError:
-            return 0
+    def _adopt_locked(self, state: ThreadState) -> None:
+        buf, state.pending = state.pending, []
+        if buf:
+            self._adopted.append(buf)
 
-    def first_goal(self) -> int:
-        try:
-            return self._items[0][0]
-        except IndexError:
-            return 0
+    # -- observers ---------------------------------------------------------
 
-    def ticket(self) -> int:
-        """A position: every item queued before this call lies before it."""
+    def pending(self, states: Iterable[ThreadState]) -> int:
+        """Scheduled releases not yet run."""
         with self._lock:
-            return self._taken + len(self._items)
+            return self._pending_locked(states)
 
-    def done_before(self, ticket: int) -> bool:
-        """Whether every item before ``ticket`` has been taken and run."""
+    def _pending_locked(self, states: Iterable[ThreadState]) -> int:
+        n = 0
+        for st in states:
+            n += len(st.pending)
+        for buf in self._adopted:
+            n += len(buf)
+        n //= 3
+        for b in self._running.values():
+            n += b.remaining
+        return n
+
+    def newest_goal(self, states: Iterable[ThreadState]) -> int:
+        """The largest goal pending (0 when nothing is). Unlocked, best effort."""
+        newest = 0
+        for st in states:
+            try:
+                g = st.pending[-3]
+            except IndexError:
+                continue
+            if g > newest:
+                newest = g
+        for buf in self._adopted[:]:
+            try:
+                g = buf[-3]
+            except IndexError:
+                continue
+            if g > newest:
+                newest = g
+        return newest
+
+    def has_pending_up_to(self, states: Iterable[ThreadState], goal: int) -> bool:
+        """Whether any release with goal <= ``goal`` is queued or running."""
         with self._lock:
-            return self._done_before_locked(ticket)
+            return self._has_pending_up_to_locked(states, goal)
 
-    def _done_before_locked(self, ticket: int) -> bool:
-        if self._taken < ticket:
-            return False
-        return all(b.start >= ticket for b in self._running.values())
+    def _has_pending_up_to_locked(self, states: Iterable[ThreadState], goal: int) -> bool:
+        for buf in [st.pending for st in states] + self._adopted:
+            if buf and buf[0] <= goal:
+                return True
+        return any(b.min_goal <= goal for b in self._running.values())
 
-    def wait_batches(self, ticket: int, timeout: float | None) -> bool:
-        """Wait until batches holding items before ``ticket`` have finished."""
+    def wait_running(self, goal: int, timeout: float | None) -> bool:
+        """Wait until no running batch holds a release with goal <= ``goal``."""
         with self._lock:
             return self._batch_done.wait_for(
-                lambda: all(b.start >= ticket for b in self._running.values()), timeout
+                lambda: all(b.min_goal > goal for b in self._running.values()), timeout
             )
 
-    # -- consumers -------------------------------------------------------
+    # -- consumers -----------------------------------------------------------
 
-    def take_ready(self, rd_seq: int, owner: ThreadState | None) -> tuple[int, _Batch] | None:
-        """Take every item whose goal <= rd_seq (and, when ``owner`` is
-        given, every item that ``owner`` retired) into a new batch.
+    def take_ready(
+        self, states: Iterable[ThreadState], rd_seq: int, alone: ThreadState | None, is_poll: bool = False
+    ) -> tuple[Batch | None, int]:
+        """Take every release whose goal <= rd_seq into a new batch.
 
-        ``owner`` is the design's "not shared" fast path: the caller is the
-        only attached thread, so no other thread can hold what the caller
-        itself unlinked and retired.
+        Returns (the batch or None, how many releases are left pending
+        besides it). ``alone`` is the design's "not shared" fast path: the
+        caller is the only attached thread, so nobody can still hold what the
+        caller itself unlinked and retired; its whole list is taken.
         """
         with self._lock:
-            items = self._items
-            pending = len(items)
-            if pending > self.max_pending:
-                self.max_pending = pending
-            batch: deque[Item] = deque()
-            if owner is None:
-                # Stop at the first item not ready: see "almost sorted" above.
-                while items and items[0][0] <= rd_seq:
-                    batch.append(items.popleft())
-            else:
-                keep: list[Item] = []
-                # Appends from other threads land on the right meanwhile;
-                # we take exactly the `pending` oldest items.
-                for _ in range(pending):
-                    item = items.popleft()
-                    if item[0] <= rd_seq or item[1] is owner:
-                        batch.append(item)
-                    else:
-                        keep.append(item)
-                items.extendleft(reversed(keep))
-            if not batch:
-                return None
+            chunks: list[list[Any]] = []
+            waiting = 0
+            for st in states:
+                buf = st.pending
+                n = len(buf)  # the owner may append past n meanwhile
+                if not n:
+                    continue
+                j = n if st is alone else _ready_prefix(buf, n, rd_seq)
+                if j:
+                    chunks.append(buf[:j])
+                    del buf[:j]
+                waiting += n - j
+            adopted = self._adopted
+            if adopted:
+                for buf in adopted:
+                    n = len(buf)
+                    j = _ready_prefix(buf, n, rd_seq) if n else 0
+                    if j:
+                        chunks.append(buf[:j])
+                        del buf[:j]
+                    waiting += n - j
+                if not all(adopted):
+                    self._adopted = [b for b in adopted if b]
+            waiting //= 3
+            for b in self._running.values():
+                waiting += b.remaining
+            if is_poll:
+                self.polls += 1
+                if not chunks and waiting:
+                    self.failed_polls += 1
+            if not chunks:
+                if waiting > self.max_pending:
+                    self.max_pending = waiting
+                return None, waiting
+            batch = Batch(chunks, min(c[0] for c in chunks))
+            if waiting + batch.remaining > self.max_pending:
+                self.max_pending = waiting + batch.remaining
             bid = self._next_batch_id
             self._next_batch_id = bid + 1
-            b = _Batch(self._taken, batch)
-            self._taken += len(batch)
-            self._running[bid] = b
-            return bid, b
+            batch.bid = bid
+            self._running[bid] = batch
+            return batch, waiting
 
-    def run(self, bid: int, batch: _Batch, on_error: ErrorHandler) -> int:
+    def run(self, batch: Batch, on_error: ErrorHandler) -> int:
         """Run a taken batch, outside every lock; returns how many ran.
 
         A release that raises an Exception is reported through ``on_error``
         and the rest still run. A BaseException (KeyboardInterrupt,
-        SystemExit) stops the batch: the items not yet run go back to the
-        front of the queue, so nothing is lost, and the exception propagates.
+        SystemExit) stops the batch: the releases not yet run go back, ahead
+        of everything else, so nothing is lost; the exception propagates.
         """
-        items = batch.items
         ran = errors = 0
+        chunks = batch.chunks
+        leftover: list[list[Any]] = []
         try:
-            while items:
-                _goal, _owner, fn, arg = items.popleft()
+            for ci, chunk in enumerate(chunks):
+                it = iter(chunk)
                 try:
-                    if arg is NO_ARG:
-                        fn()
-                    else:
-                        fn(arg)
-                except Exception as exc:
-                    errors += 1
-                    on_error(exc, fn if arg is NO_ARG else arg)
-                ran += 1
+                    for _goal, fn, arg in zip(it, it, it):
+                        try:
+                            fn(arg)
+                        except Exception as exc:
+                            errors += 1
+                            on_error(exc, arg)
+                        ran += 1
+                except BaseException:
+                    ran += 1  # the one that raised has run (and failed)
+                    rest = list(it)
+                    leftover = ([rest] if rest else []) + chunks[ci + 1 :]
+                    raise
+                batch.remaining -= len(chunk) // 3
         finally:
             with self._lock:
-                if items:  # interrupted by a BaseException
-                    self._items.extendleft(reversed(items))
-                    self._taken -= len(items)
-                    items.clear()
-                del self._running[bid]
+                if leftover:
+                    self._adopted[:0] = leftover
+                del self._running[batch.bid]
                 self.released += ran
                 self.errors += errors
-                self._batch_done.notify_all()
+                if self._batch_done._waiters:  # type: ignore[attr-defined]
+                    self._batch_done.notify_all()
         return ran

@@ -37,7 +37,7 @@ import weakref
 from typing import Any, Callable, Iterator
 
 from ._unraisable import report_unraisable
-from .deferred import NO_ARG, DeferredQueue, ErrorHandler
+from .deferred import Call, DeferredWork, ErrorHandler, call_no_arg
 from .errors import NotRegisteredError
 from .scan import FlatRegistry
 from .stats import DomainStats
@@ -61,14 +61,12 @@ class Domain:
         "_deferred_limit",
         "_lock",
         "_registry",
-        "_queue",
+        "_work",
         "_on_release_error",
         "_reclaimer",
         "_reclaim_interval",
         "_closed",
         "_advances",
-        "_polls",
-        "_failed_polls",
         "_scans",
         "_grace_periods",
         "__weakref__",
@@ -110,13 +108,11 @@ class Domain:
         # Guards wr_seq advances, rd_seq updates and the counters below.
         self._lock = threading.Lock()
         self._registry = FlatRegistry()
-        self._queue = DeferredQueue()
+        self._work = DeferredWork()
         self._on_release_error = on_release_error
         self._reclaim_interval = float(reclaim_interval)
         self._closed = False
         self._advances = 0
-        self._polls = 0
-        self._failed_polls = 0
         self._scans = 0
         self._grace_periods = 0
         self._reclaimer: _Reclaimer | None = None
@@ -219,6 +215,9 @@ class Domain:
         # snapshot then leaves this thread out instead of waiting on it.
         state.seq = 0
         self._registry.remove(state)
+        # The domain takes the thread's backlog over, goals and all: it is
+        # neither lost nor released before its goal is reached.
+        self._work.adopt(state)
 
     def _thread_exited(self, state: ThreadState) -> None:
         """Called by ExitSentinel when a registered thread ends."""
@@ -307,36 +306,39 @@ class Domain:
             raise TypeError(
                 f"release must be callable, e.g. retire(obj, obj.close); got {type(release).__name__}"
             )
-        return self._schedule(release, obj)
+        # Every writer's hot path: deferred_advance() and the append, inlined.
+        try:
+            state: ThreadState = self._tls.state
+        except AttributeError:
+            raise NotRegisteredError(
+                "retire() needs the calling thread to be registered: call "
+                "domain.register() first (or use `with domain.registered():`)"
+            ) from None
+        n = state.deferrals + 1
+        if n < self._deferred_limit:
+            state.deferrals = n
+            # goal = wr_seq + 2 without advancing: whoever advances next
+            # publishes it, and poll() advances if nobody does. The read of
+            # wr_seq comes after the caller unlinked obj (program order).
+            goal = self._wr_seq + 2
+            state.pending.extend((goal, release, obj))  # one atomic append
+            return goal
+        state.deferrals = 0
+        goal = self.advance()
+        state.pending.extend((goal, release, obj))
+        self._after_advance()
+        return goal
 
     def defer(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
         """Schedule fn(*args, **kwargs) like retire() schedules a release."""
         if not callable(fn):
             raise TypeError(f"defer() needs a callable, got {type(fn).__name__}")
-        if args or kwargs:
-            return self._schedule(_Call(fn, args, kwargs), NO_ARG)
-        return self._schedule(fn, NO_ARG)
-
-    def _schedule(self, fn: Callable[..., Any], arg: Any) -> int:
-        try:
-            state: ThreadState = self._tls.state
-        except AttributeError:
+        if not self.is_registered():
             raise NotRegisteredError(
-                "retire()/defer() need the calling thread to be registered: call "
+                "defer() needs the calling thread to be registered: call "
                 "domain.register() first (or use `with domain.registered():`)"
-            ) from None
-        # deferred_advance(), inlined: this is every writer's hot path.
-        n = state.deferrals + 1
-        if n < self._deferred_limit:
-            state.deferrals = n
-            goal = self._wr_seq + 2
-            self._queue.push((goal, state, fn, arg))
-            return goal
-        state.deferrals = 0
-        goal = self.advance()
-        self._queue.push((goal, state, fn, arg))
-        self._after_advance()
-        return goal
+            )
+        return self.retire(Call(fn, args, kwargs) if args or kwargs else fn, call_no_arg)
 
     def _after_advance(self) -> None:
         """Every deferred_limit-th retirement: let the reclaimer know, or,
@@ -352,7 +354,7 @@ class Domain:
     @property
     def pending(self) -> int:
         """Scheduled releases not yet run."""
-        return len(self._queue)
+        return self._work.pending(self._registry.states())
 
     def poll(self, goal: int | None = None) -> bool:
         """Recompute rd_seq and run every pending release whose goal <= rd_seq.
@@ -362,26 +364,23 @@ class Domain:
         return self._poll(goal)
 
     def _poll(self, goal: int | None) -> bool:
-        queue = self._queue
+        work = self._work
+        registry = self._registry
         # A goal handed out by deferred_advance() may be wr_seq + 2 that
         # nobody has advanced to yet; no quiescent state could ever reach
-        # it, so advance now. (The newest item has the largest goal, give or
-        # take the out-of-order appends described in deferred.py; those
-        # are caught by the next poll.)
-        want = queue.last_goal() if goal is None else goal
+        # it, so advance now.
+        want = work.newest_goal(registry.states()) if goal is None else goal
         if want > self._wr_seq:
             self.advance()
         caller: ThreadState | None = getattr(self._tls, "state", None)
         rd, alone = self._scan(caller)
-        taken = queue.take_ready(rd, caller if alone else None)
-        with self._lock:
-            self._polls += 1
-            if taken is None and len(queue):
-                self._failed_polls += 1
-        if taken is not None:
-            self._run_batch(*taken)
+        batch, waiting = work.take_ready(registry.states(), rd, caller if alone else None, True)
+        if batch is not None:
+            self._run_batch(batch)
         if goal is None:
-            return len(queue) == 0
+            # What was left when we took our batch (new retirements made
+            # while it ran are not counted: they could not be ready yet).
+            return waiting == 0
         return goal <= self._rd_seq
 
     def _scan(self, caller: ThreadState | None) -> tuple[int, bool]:
@@ -389,7 +388,7 @@ class Domain:
         caller is the only attached thread."""
         # wr_seq is read before the scan (see FlatRegistry.scan).
         wr = self._wr_seq
-        result = self._registry.scan(wr, caller)
+        min_seq, alone = self._registry.scan(wr, caller)
         with self._lock:
             self._scans += 1
             # rd_seq never decreases: a thread that registered or attached
@@ -397,18 +396,18 @@ class Domain:
             # anything that scan certified (see scan.py), so we keep the
             # larger value. Compare-and-store under the lock so that two
             # pollers cannot move it backwards.
-            if result.min_seq > self._rd_seq:
-                self._rd_seq = result.min_seq
+            if min_seq > self._rd_seq:
+                self._rd_seq = min_seq
                 self._grace_periods += 1
             rd = self._rd_seq
-        return rd, result.caller_alone
+        return rd, alone
 
-    def _run_batch(self, bid: int, batch: Any) -> None:
+    def _run_batch(self, batch: Any) -> None:
         tls = self._tls
         outer = getattr(tls, "in_release", False)
         tls.in_release = True
         try:
-            self._queue.run(bid, batch, self._report_error)
+            self._work.run(batch, self._report_error)
         finally:
             tls.in_release = outer
 
@@ -467,45 +466,46 @@ class Domain:
         False on timeout. A registered caller counts as quiescent."""
         self._refuse_in_release("barrier")
         deadline = None if timeout is None else time.monotonic() + timeout
-        queue = self._queue
-        ticket = queue.ticket()
+        work = self._work
+        states = self._registry.states
+        # Every release scheduled before this line has goal <= wr_seq + 2.
+        goal = self._wr_seq + 2
         caller: ThreadState | None = getattr(self._tls, "state", None)
-        while not queue.done_before(ticket):
-            # Everything queued before the ticket has goal <= wr_seq + 2 as
-            # of now, and one grace period from here covers that goal.
+        while work.has_pending_up_to(states(), goal):
+            # One grace period from here reaches the goal (it advances past it).
             if not self._wait_for_grace_period(deadline):
                 return False
             rd, alone = self._scan(caller)
-            taken = queue.take_ready(rd, caller if alone else None)
-            if taken is not None:
-                self._run_batch(*taken)
-            # Other threads may be running batches that hold our items.
+            batch, _ = work.take_ready(states(), rd, caller if alone else None)
+            if batch is not None:
+                self._run_batch(batch)
+            # Other threads may be running batches that hold our releases.
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not queue.wait_batches(ticket, left):
+            if not work.wait_running(goal, left):
                 return False
         return True
 
     # -- observability -----------------------------------------------------
 
     def stats(self) -> DomainStats:
-        queue = self._queue
+        work = self._work
         states = self._registry.states()
         with self._lock:
-            pending = len(queue)
-            released = queue.released
+            pending = work.pending(states)
+            released = work.released
             return DomainStats(
                 wr_seq=self._wr_seq,
                 rd_seq=self._rd_seq,
                 advances=self._advances,
-                polls=self._polls,
-                failed_polls=self._failed_polls,
+                polls=work.polls,
+                failed_polls=work.failed_polls,
                 scans=self._scans,
                 grace_periods=self._grace_periods,
                 retired=released + pending,
                 releases=released,
-                release_errors=queue.errors,
+                release_errors=work.errors,
                 pending=pending,
-                max_pending=max(queue.max_pending, pending),
+                max_pending=max(work.max_pending, pending),
                 threads=len(states),
                 attached=sum(1 for s in states if s.seq),
             )
@@ -539,29 +539,13 @@ class Domain:
         me: ThreadState | None = getattr(self._tls, "state", None)
         if me is not None:
             me.pid = os.getpid()
+        departed = [st for st in self._registry.states() if st is not me]
         self._registry.reset(me)
-        self._queue.reset_after_fork()
+        self._work.reset_after_fork(departed)
         if self._reclaimer is not None:
             # The reclaimer thread did not survive; start a fresh one.
             self._reclaimer = _Reclaimer(self)
             self._reclaimer.start()
-
-
-class _Call:
-    """fn(*args, **kwargs) packed into one callable for defer()."""
-
-    __slots__ = ("fn", "args", "kwargs")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-
-    def __call__(self) -> Any:
-        return self.fn(*self.args, **self.kwargs)
-
-    def __repr__(self) -> str:
-        return f"<deferred call {self.fn!r}>"
 
 
 class _Reclaimer:

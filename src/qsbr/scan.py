@@ -23,27 +23,10 @@ Scanning costs O(threads); the design's "Limitations" section names this.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from operator import attrgetter
 
 from .thread_state import ThreadState
 
-__all__ = ["FlatRegistry", "ScanResult"]
-
-_get_seq = attrgetter("seq")
-
-
-@dataclass(frozen=True, slots=True)
-class ScanResult:
-    """What one scan saw."""
-
-    #: min(seq) over attached threads, or the wr_seq read before the scan
-    #: when no thread is attached.
-    min_seq: int
-    #: How many attached threads were seen.
-    attached: int
-    #: Whether the only attached thread seen was the one passed as ``caller``.
-    caller_alone: bool
+__all__ = ["FlatRegistry"]
 
 
 class FlatRegistry:
@@ -80,16 +63,25 @@ class FlatRegistry:
     def __len__(self) -> int:
         return len(self._states)
 
-    def scan(self, wr_seq: int, caller: ThreadState | None) -> ScanResult:
-        """Compute the minimum seq over attached threads.
+    def scan(self, wr_seq: int, caller: ThreadState | None) -> tuple[int, bool]:
+        """Return (min seq over attached threads, whether ``caller`` is the
+        only attached thread). With no thread attached, the minimum is
+        ``wr_seq``.
 
         ``wr_seq`` must have been read *before* this call: when no thread is
         attached the result is that value, and a value read later could
         cover a retirement made after the scan started.
         """
-        states = self._states
-        seqs = [s for s in map(_get_seq, states) if s]  # 0 = detached: excluded
-        if not seqs:
-            return ScanResult(wr_seq, 0, False)
-        alone = len(seqs) == 1 and caller is not None and caller.seq != 0
-        return ScanResult(min(seqs), len(seqs), alone)
+        lowest = 0
+        attached = 0
+        for st in self._states:
+            seq = st.seq
+            if seq:  # 0 = detached: left out
+                attached += 1
+                if seq < lowest or not lowest:
+                    lowest = seq
+        if not attached:
+            return wr_seq, False
+        # The caller is registered, so it is in the snapshot: if it is
+        # attached and only one thread is, that thread is the caller.
+        return lowest, attached == 1 and caller is not None and caller.seq != 0

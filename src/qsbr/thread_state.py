@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -47,13 +47,16 @@ class Sink:
 class ThreadState:
     """One registered thread's view of the domain."""
 
-    __slots__ = ("seq", "deferrals", "ident", "name", "pid", "sink", "__weakref__")
+    __slots__ = ("seq", "deferrals", "pending", "ident", "name", "pid", "sink", "__weakref__")
 
     def __init__(self, ident: int, name: str, seq: int) -> None:
         #: wr_seq as of this thread's last quiescent state; 0 = detached.
         self.seq = seq
         #: deferred_advance() calls since this thread last advanced wr_seq.
         self.deferrals = 0
+        #: This thread's pending releases, flat: [goal, fn, arg, goal, fn, arg, ...]
+        #: (see deferred.py). Appended only by this thread.
+        self.pending: list[Any] = []
         self.ident = ident
         self.name = name
         #: The process that registered the thread: after os.fork() the states
@@ -63,10 +66,6 @@ class ThreadState:
 
     def __repr__(self) -> str:
         return f"<ThreadState {self.name!r} ident={self.ident} seq={self.seq}>"
-
-
-class _ExitHandler(Protocol):
-    def _thread_exited(self, state: ThreadState) -> None: ...
 
 
 class ExitSentinel:

@@ -1,0 +1,56 @@
+"""Shared by the benchmarks: machine description, interleaved timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+QUICK = os.environ.get("QSBR_BENCH_QUICK") == "1"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_tag() -> str:
+    ft = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    return f"{sys.implementation.cache_tag}{'t' if ft else ''}{'' if gil else '-nogil'}"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "build": "free-threaded, GIL disabled"
+        if not getattr(sys, "_is_gil_enabled", lambda: True)()
+        else "GIL",
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def interleaved(cases: dict[str, Callable[[int], float]], n: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Run each case `repeats` times, alternating between cases so that noise
+    from the shared machine hits all of them alike. Each call returns the
+    seconds for n operations; we report ns per operation (min and median)."""
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            samples[name].append(fn(n) / n * 1e9)
+    return {
+        k: {"min_ns": min(v), "median_ns": statistics.median(v), "samples": len(v)} for k, v in samples.items()
+    }
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{build_tag()}.json"
+    payload = {"machine": machine(), "command": " ".join(sys.argv), "time": time.time(), **payload}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,76 @@
+"""The `qsbr` command line: `qsbr demo` and `qsbr bench`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+
+
+def _benchmarks_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    candidates = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+    for c in candidates:
+        if (c / "bench_core.py").exists():
+            return c
+    raise SystemExit(
+        "qsbr bench: no benchmarks/ folder found; run it from a checkout of qsbr "
+        "or pass --dir PATH/TO/benchmarks"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qsbr", description="Quiescent-State Based Reclamation for Python")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="a hot-swap under load, verified")
+    demo.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+    demo.add_argument("--readers", type=int, default=4, help="reader threads (default 4)")
+    demo.add_argument(
+        "--swap-ms", type=float, default=1.0, help="milliseconds between swaps (default 1)"
+    )
+    demo.add_argument(
+        "--no-reclaimer",
+        action="store_true",
+        help="let the writer's retire() run releases instead of a background reclaimer",
+    )
+
+    bench = sub.add_parser("bench", help="run the benchmarks in benchmarks/ and write JSON results")
+    bench.add_argument("names", nargs="*", help="benchmarks to run (bench_NAME.py), default all")
+    bench.add_argument("--dir", help="the benchmarks folder (default: ./benchmarks)")
+    bench.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke test")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        if args.seconds <= 0 or args.readers < 1 or args.swap_ms < 0:
+            parser.error("--seconds must be > 0, --readers >= 1, --swap-ms >= 0")
+        report = run_demo(
+            seconds=args.seconds,
+            readers=args.readers,
+            swap_interval=args.swap_ms / 1000,
+            background=not args.no_reclaimer,
+        )
+        return 0 if report.ok else 1
+    if args.command == "bench":
+        folder = _benchmarks_dir(args.dir)
+        names = args.names or sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
+        if args.quick:
+            os.environ["QSBR_BENCH_QUICK"] = "1"
+        for name in names:
+            path = folder / f"bench_{name}.py"
+            if not path.exists():
+                parser.error(f"no benchmark {path}")
+            print(f"== {path}", flush=True)
+            sys.argv = [str(path)]
+            runpy.run_path(str(path), run_name="__main__")
+        return 0
+    return 2  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())
