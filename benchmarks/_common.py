@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 QUICK = os.environ.get("QSBR_BENCH_QUICK") == "1"
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go: benchmarks/results, or $QSBR_BENCH_OUT (qsbr bench --out).
+RESULTS = Path(os.environ.get("QSBR_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 
 
 def build_tag() -> str:

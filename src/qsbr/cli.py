@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("names", nargs="*", help="benchmarks to run (bench_NAME.py), default all")
     bench.add_argument("--dir", help="the benchmarks folder (default: ./benchmarks)")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke test")
+    bench.add_argument("--out", help="folder for the JSON results (default: benchmarks/results)")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         names = args.names or sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
         if args.quick:
             os.environ["QSBR_BENCH_QUICK"] = "1"
+        if args.out:
+            os.environ["QSBR_BENCH_OUT"] = str(Path(args.out).resolve())
         for name in names:
             path = folder / f"bench_{name}.py"
             if not path.exists():

@@ -80,14 +80,11 @@ class Batch:
 
     __slots__ = ("chunks", "remaining", "min_goal", "bid")
 
-    def __init__(self, chunks: list[list[Any]], min_goal: int) -> None:
+    def __init__(self, chunks: list[list[Any]], remaining: int, min_goal: int, bid: int) -> None:
         self.chunks = chunks
-        n = 0
-        for c in chunks:
-            n += len(c)
-        self.remaining = n // 3
+        self.remaining = remaining  # releases not yet run (counted per chunk)
         self.min_goal = min_goal
-        self.bid = -1
+        self.bid = bid
 
 
 class DeferredWork:
@@ -196,46 +193,41 @@ class DeferredWork:
         """
         with self._lock:
             chunks: list[list[Any]] = []
-            waiting = 0
-            for st in states:
-                buf = st.pending
+            taken = waiting = min_goal = 0
+            for buf in [st.pending for st in states] + self._adopted:
                 n = len(buf)  # the owner may append past n meanwhile
                 if not n:
                     continue
-                j = n if st is alone else _ready_prefix(buf, n, rd_seq)
-                if j:
-                    chunks.append(buf[:j])
-                    del buf[:j]
-                waiting += n - j
-            adopted = self._adopted
-            if adopted:
-                for buf in adopted:
-                    n = len(buf)
-                    j = _ready_prefix(buf, n, rd_seq) if n else 0
-                    if j:
-                        chunks.append(buf[:j])
-                        del buf[:j]
+                if buf[n - 3] <= rd_seq or (alone is not None and buf is alone.pending):
+                    j = n  # goals never decrease: all of buf[:n] is ready
+                else:
+                    j = _ready_prefix(buf, n, rd_seq)
                     waiting += n - j
-                if not all(adopted):
-                    self._adopted = [b for b in adopted if b]
+                    if not j:
+                        continue
+                chunk = buf[:j]
+                del buf[:j]
+                chunks.append(chunk)
+                taken += j
+                if chunk[0] < min_goal or not min_goal:
+                    min_goal = chunk[0]
+            if taken and self._adopted:
+                self._adopted = [b for b in self._adopted if b]
             waiting //= 3
             for b in self._running.values():
                 waiting += b.remaining
             if is_poll:
                 self.polls += 1
-                if not chunks and waiting:
+                if not taken and waiting:
                     self.failed_polls += 1
-            if not chunks:
-                if waiting > self.max_pending:
-                    self.max_pending = waiting
+            taken //= 3
+            if waiting + taken > self.max_pending:
+                self.max_pending = waiting + taken
+            if not taken:
                 return None, waiting
-            batch = Batch(chunks, min(c[0] for c in chunks))
-            if waiting + batch.remaining > self.max_pending:
-                self.max_pending = waiting + batch.remaining
             bid = self._next_batch_id
             self._next_batch_id = bid + 1
-            batch.bid = bid
-            self._running[bid] = batch
+            batch = self._running[bid] = Batch(chunks, taken, min_goal, bid)
             return batch, waiting
 
     def run(self, batch: Batch, on_error: ErrorHandler) -> int:
@@ -249,23 +241,26 @@ class DeferredWork:
         ran = errors = 0
         chunks = batch.chunks
         leftover: list[list[Any]] = []
+        it: Any = None
         try:
-            for ci, chunk in enumerate(chunks):
+            while chunks:
+                chunk = chunks.pop(0)
                 it = iter(chunk)
-                try:
-                    for _goal, fn, arg in zip(it, it, it):
-                        try:
-                            fn(arg)
-                        except Exception as exc:
-                            errors += 1
-                            on_error(exc, arg)
-                        ran += 1
-                except BaseException:
-                    ran += 1  # the one that raised has run (and failed)
-                    rest = list(it)
-                    leftover = ([rest] if rest else []) + chunks[ci + 1 :]
-                    raise
+                for _goal, fn, arg in zip(it, it, it):
+                    ran += 1
+                    try:
+                        fn(arg)
+                    except Exception as exc:
+                        errors += 1
+                        on_error(exc, arg)
+                it = None
                 batch.remaining -= len(chunk) // 3
+        except BaseException:
+            # Only a BaseException from a release gets here: the one that
+            # raised has run (and failed); the rest go back.
+            rest = list(it) if it is not None else []
+            leftover = ([rest] if rest else []) + chunks
+            raise
         finally:
             with self._lock:
                 if leftover:

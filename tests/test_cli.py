@@ -1,0 +1,71 @@
+"""The front door: the example, `qsbr demo` and `qsbr bench` run and verify."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qsbr.cli import main
+from qsbr.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "hot_swap_config.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "closed: 199" in out.stdout
+
+
+def test_demo_verifies_and_reports() -> None:
+    buf = io.StringIO()
+    report = run_demo(seconds=1.0, readers=2, out=buf)
+    assert report.ok, buf.getvalue()
+    assert report.swaps > 0 and report.reads > 0
+    assert report.releases == report.swaps + 1
+    assert "verified" in buf.getvalue()
+
+
+def test_demo_command_exit_status() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qsbr", "demo", "--seconds", "1", "--readers", "2", "--no-reclaimer"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "verified" in out.stdout
+
+
+def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--seconds", "0"])
+    assert exc.value.code == 2
+    assert "--seconds" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_writes_results(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qsbr", "bench", "--quick", "--out", str(tmp_path), "core"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "quiescent / empty method call" in out.stdout
+    result_files = sorted(tmp_path.glob("core-*.json"))
+    assert result_files
+    data = json.loads(result_files[-1].read_text())
+    assert data["ratios"]["quiescent_vs_empty_call"] > 0
