@@ -9,8 +9,9 @@ import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 QUICK = os.environ.get("QSBR_BENCH_QUICK") == "1"
 #: Where results go: benchmarks/results, or $QSBR_BENCH_OUT (qsbr bench --out).
@@ -36,7 +37,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def interleaved(cases: dict[str, Callable[[int], float]], n: int, repeats: int) -> dict[str, dict[str, float]]:
+def interleaved(
+    cases: dict[str, Callable[[int], float]], n: int, repeats: int
+) -> dict[str, dict[str, float]]:
     """Run each case `repeats` times, alternating between cases so that noise
     from the shared machine hits all of them alike. Each call returns the
     seconds for n operations; we report ns per operation (min and median)."""
@@ -45,7 +48,8 @@ def interleaved(cases: dict[str, Callable[[int], float]], n: int, repeats: int) 
         for name, fn in cases.items():
             samples[name].append(fn(n) / n * 1e9)
     return {
-        k: {"min_ns": min(v), "median_ns": statistics.median(v), "samples": len(v)} for k, v in samples.items()
+        k: {"min_ns": min(v), "median_ns": statistics.median(v), "samples": len(v)}
+        for k, v in samples.items()
     }
 
 

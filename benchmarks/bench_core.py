@@ -16,9 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import QUICK, interleaved, machine, write_json  # noqa: E402
-
 import qsbr  # noqa: E402
+from _common import QUICK, interleaved, machine, write_json  # noqa: E402
 
 
 class Plain:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gc
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import qsbr
 from conftest import STEP_TIMEOUT, wait_until

@@ -30,7 +30,8 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .thread_state import ThreadState
 
@@ -95,6 +96,7 @@ class DeferredWork:
         self._batch_done = threading.Condition(self._lock)
         self._adopted: list[list[Any]] = []
         self._running: dict[int, Batch] = {}
+        self._waiters = 0  # threads in wait_running()
         self._next_batch_id = 0
         self.released = 0
         self.errors = 0
@@ -110,6 +112,7 @@ class DeferredWork:
         self._lock = threading.Lock()
         self._batch_done = threading.Condition(self._lock)
         self._running.clear()
+        self._waiters = 0
         for st in departed:
             self._adopt_locked(st)
 
@@ -175,9 +178,13 @@ class DeferredWork:
     def wait_running(self, goal: int, timeout: float | None) -> bool:
         """Wait until no running batch holds a release with goal <= ``goal``."""
         with self._lock:
-            return self._batch_done.wait_for(
-                lambda: all(b.min_goal > goal for b in self._running.values()), timeout
-            )
+            self._waiters += 1
+            try:
+                return self._batch_done.wait_for(
+                    lambda: all(b.min_goal > goal for b in self._running.values()), timeout
+                )
+            finally:
+                self._waiters -= 1
 
     # -- consumers -----------------------------------------------------------
 
@@ -246,7 +253,7 @@ class DeferredWork:
             while chunks:
                 chunk = chunks.pop(0)
                 it = iter(chunk)
-                for _goal, fn, arg in zip(it, it, it):
+                for _goal, fn, arg in zip(it, it, it):  # noqa: B905 - triples by design
                     ran += 1
                     try:
                         fn(arg)
@@ -268,6 +275,6 @@ class DeferredWork:
                 del self._running[batch.bid]
                 self.released += ran
                 self.errors += errors
-                if self._batch_done._waiters:  # type: ignore[attr-defined]
+                if self._waiters:  # notify_all is not free: only when barrier() waits
                     self._batch_done.notify_all()
         return ran

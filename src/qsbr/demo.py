@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from .domain import Domain
 
@@ -64,10 +65,10 @@ def run_demo(
     seconds: float = 10.0,
     readers: int = 4,
     swap_interval: float = 0.001,
-    out: object = None,
+    out: TextIO | None = None,
     background: bool = True,
 ) -> DemoReport:
-    stream = out if out is not None else sys.stdout
+    stream: TextIO = out if out is not None else sys.stdout
     domain = Domain(background=background)
     current = [Table(0)]  # the shared slot: readers load current[0] without a lock
     tables = [current[0]]
@@ -115,7 +116,7 @@ def run_demo(
     print(
         f"qsbr demo: {readers} readers serve lookups from a shared table; a writer swaps it "
         f"every {swap_interval * 1000:.1f} ms and retires the old one ({seconds:.0f} s)",
-        file=stream,  # type: ignore[arg-type]
+        file=stream,
     )
     start = time.monotonic()
     for t in threads:
@@ -125,14 +126,14 @@ def run_demo(
         while (now := time.monotonic()) < start + seconds and not violations:
             time.sleep(min(1.0, start + seconds - now))
             s = domain.stats()
-            total, t = sum(reads), time.monotonic()
+            total, now = sum(reads), time.monotonic()
             print(
-                f"  {t - start:5.1f}s  reads/s {(total - last_reads) / (t - last_t):>12,.0f}  "
+                f"  {now - start:5.1f}s  reads/s {(total - last_reads) / (now - last_t):>12,.0f}  "
                 f"swaps {swaps:>7,}  releases {s.releases:>7,}  backlog {s.pending:>4} "
                 f"(max {s.max_pending})  grace periods {s.grace_periods:,}",
-                file=stream,  # type: ignore[arg-type]
+                file=stream,
             )
-            last_reads, last_t = total, t
+            last_reads, last_t = total, now
     finally:
         stop.set()
         for t in threads:
@@ -159,17 +160,17 @@ def run_demo(
     print(
         f"done in {elapsed:.1f} s: {report.reads:,} reads ({report.reads / elapsed:,.0f}/s), "
         f"{report.swaps:,} swaps, {report.releases:,} releases, largest backlog {report.max_backlog}",
-        file=stream,  # type: ignore[arg-type]
+        file=stream,
     )
     if report.ok:
         print(
             f"verified: no reader touched a closed table; all {len(tables):,} tables closed exactly once",
-            file=stream,  # type: ignore[arg-type]
+            file=stream,
         )
     else:
         print(
             f"FAILED: {len(violations)} use-after-close, {report.double_closes} double closes, "
             f"{report.never_closed} never closed; first: {violations[:3]}",
-            file=stream,  # type: ignore[arg-type]
+            file=stream,
         )
     return report

@@ -34,7 +34,8 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ._unraisable import report_unraisable
 from .deferred import Call, DeferredWork, ErrorHandler, call_no_arg
