@@ -52,9 +52,19 @@ class Worker:
         assert not self.thread.is_alive(), "worker did not stop"
 
 
+#: Every semantic test that takes the ``domain`` fixture runs under each
+#: rd_seq strategy.
+SCAN_STRATEGIES = ["incremental", "flat"]
+
+
+@pytest.fixture(params=SCAN_STRATEGIES)
+def scan(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def domain() -> Iterator[qsbr.Domain]:
-    d = qsbr.Domain()
+def domain(scan: str) -> Iterator[qsbr.Domain]:
+    d = qsbr.Domain(scan=scan)
     yield d
     d.close()
 

@@ -167,8 +167,8 @@ def test_deferred_advance_without_registering(domain: qsbr.Domain) -> None:
 
 
 @pytest.mark.parametrize("limit", [1, 3, 10])
-def test_deferred_limit_is_honoured(limit: int) -> None:
-    d = qsbr.Domain(deferred_limit=limit)
+def test_deferred_limit_is_honoured(limit: int, scan: str) -> None:
+    d = qsbr.Domain(deferred_limit=limit, scan=scan)
     d.register()
     for i in range(1, 3 * limit + 1):
         d.deferred_advance()

@@ -104,8 +104,8 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("background", [False, True], ids=["writer-polls", "reclaimer"])
 @pytest.mark.parametrize("deferred_limit", [1, 10])
-def test_readers_never_see_a_released_resource(background: bool, deferred_limit: int) -> None:
-    domain = qsbr.Domain(deferred_limit=deferred_limit, background=background)
+def test_readers_never_see_a_released_resource(background: bool, deferred_limit: int, scan: str) -> None:
+    domain = qsbr.Domain(deferred_limit=deferred_limit, background=background, scan=scan)
     failures, all_resources, reads = run_stress(domain, SECONDS)
     assert not failures, failures[:5]
     box_last = all_resources[-1]

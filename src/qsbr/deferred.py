@@ -21,6 +21,9 @@ Invariants:
   the ready part of a list is a prefix found by binary search.
 * A triple leaves a list only inside a batch, and a batch is run by one
   thread: each release runs exactly once.
+* Pollers visit only threads that have retired something (``_writers``, a
+  copy-on-write tuple a thread joins on its first retire()), never the
+  readers, so a poll costs O(writers), not O(threads).
 * When a thread leaves (unregister, thread exit, fork) its list is moved,
   whole, into ``_adopted`` under ``_lock``: the domain takes its backlog over
   (the bug of CPython's gh-130794 was losing it). Adopted lists keep their
@@ -95,6 +98,8 @@ class DeferredWork:
         self._lock = threading.Lock()
         self._batch_done = threading.Condition(self._lock)
         self._adopted: list[list[Any]] = []
+        #: Threads that have retired something; replaced, never mutated.
+        self._writers: tuple[ThreadState, ...] = ()
         self._running: dict[int, Batch] = {}
         self._waiters = 0  # threads in wait_running()
         self._next_batch_id = 0
@@ -115,29 +120,38 @@ class DeferredWork:
         self._waiters = 0
         for st in departed:
             self._adopt_locked(st)
+        for st in self._writers:  # the survivor: its list is its own again
+            st.listed = True
 
     # -- taking over a departing thread's backlog --------------------------
+
+    def list_writer(self, state: ThreadState) -> None:
+        """Called by a thread's first retire(): polls visit it from now on."""
+        with self._lock:
+            if not state.listed:
+                state.listed = True
+                self._writers = (*self._writers, state)
 
     def adopt(self, state: ThreadState) -> None:
         with self._lock:
             self._adopt_locked(state)
 
     def _adopt_locked(self, state: ThreadState) -> None:
+        if state.listed:
+            state.listed = False
+            self._writers = tuple(w for w in self._writers if w is not state)
         buf, state.pending = state.pending, []
         if buf:
             self._adopted.append(buf)
 
     # -- observers ---------------------------------------------------------
 
-    def pending(self, states: Iterable[ThreadState]) -> int:
+    def pending(self) -> int:
         """Scheduled releases not yet run."""
         with self._lock:
-            return self._pending_locked(states)
-
-    def _pending_locked(self, states: Iterable[ThreadState]) -> int:
-        n = 0
-        for st in states:
-            n += len(st.pending)
+            n = 0
+            for st in self._writers:
+                n += len(st.pending)
         for buf in self._adopted:
             n += len(buf)
         n //= 3
@@ -145,10 +159,10 @@ class DeferredWork:
             n += b.remaining
         return n
 
-    def newest_goal(self, states: Iterable[ThreadState]) -> int:
+    def newest_goal(self) -> int:
         """The largest goal pending (0 when nothing is). Unlocked, best effort."""
         newest = 0
-        for st in states:
+        for st in self._writers:
             try:
                 g = st.pending[-3]
             except IndexError:
@@ -164,16 +178,13 @@ class DeferredWork:
                 newest = g
         return newest
 
-    def has_pending_up_to(self, states: Iterable[ThreadState], goal: int) -> bool:
+    def has_pending_up_to(self, goal: int) -> bool:
         """Whether any release with goal <= ``goal`` is queued or running."""
         with self._lock:
-            return self._has_pending_up_to_locked(states, goal)
-
-    def _has_pending_up_to_locked(self, states: Iterable[ThreadState], goal: int) -> bool:
-        for buf in [st.pending for st in states] + self._adopted:
-            if buf and buf[0] <= goal:
-                return True
-        return any(b.min_goal <= goal for b in self._running.values())
+            for buf in [st.pending for st in self._writers] + self._adopted:
+                if buf and buf[0] <= goal:
+                    return True
+            return any(b.min_goal <= goal for b in self._running.values())
 
     def wait_running(self, goal: int, timeout: float | None) -> bool:
         """Wait until no running batch holds a release with goal <= ``goal``."""
@@ -189,7 +200,7 @@ class DeferredWork:
     # -- consumers -----------------------------------------------------------
 
     def take_ready(
-        self, states: Iterable[ThreadState], rd_seq: int, alone: ThreadState | None, is_poll: bool = False
+        self, rd_seq: int, alone: ThreadState | None, is_poll: bool = False
     ) -> tuple[Batch | None, int]:
         """Take every release whose goal <= rd_seq into a new batch.
 
@@ -201,7 +212,7 @@ class DeferredWork:
         with self._lock:
             chunks: list[list[Any]] = []
             taken = waiting = min_goal = 0
-            for buf in [st.pending for st in states] + self._adopted:
+            for buf in [st.pending for st in self._writers] + self._adopted:
                 n = len(buf)  # the owner may append past n meanwhile
                 if not n:
                     continue

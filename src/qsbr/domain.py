@@ -40,7 +40,7 @@ from typing import Any
 from ._unraisable import report_unraisable
 from .deferred import Call, DeferredWork, ErrorHandler, call_no_arg
 from .errors import NotRegisteredError
-from .scan import FlatRegistry
+from .scan import SCAN_STRATEGIES, Registry, Scanner
 from .stats import DomainStats
 from .thread_state import ExitSentinel, ThreadState
 
@@ -62,6 +62,7 @@ class Domain:
         "_deferred_limit",
         "_lock",
         "_registry",
+        "_scanner",
         "_work",
         "_on_release_error",
         "_reclaimer",
@@ -77,6 +78,7 @@ class Domain:
         self,
         *,
         deferred_limit: int = 10,
+        scan: str = "incremental",
         background: bool = False,
         reclaim_interval: float = 0.005,
         on_release_error: ErrorHandler | None = None,
@@ -85,6 +87,9 @@ class Domain:
 
         deferred_limit: a thread advances wr_seq on every deferred_limit-th
             deferred_advance()/retire(); the calls between share one goal.
+        scan: how rd_seq is computed: "incremental" (default: a pass spread
+            across polls, O(1) polls while a known laggard has not moved) or
+            "flat" (the design's full scan on every poll). See scan.py.
         background: start a reclaimer thread that polls, so that writers never
             run releases themselves. Without it, retire() polls every
             deferred_limit-th call and any poll()/barrier() runs what is ready.
@@ -98,6 +103,8 @@ class Domain:
             raise ValueError(
                 f"deferred_limit must be >= 1 (1 advances wr_seq on every retire), got {deferred_limit}"
             )
+        if scan not in SCAN_STRATEGIES:
+            raise ValueError(f"scan must be one of {sorted(SCAN_STRATEGIES)}, got {scan!r}")
         if not reclaim_interval > 0:
             raise ValueError(f"reclaim_interval must be > 0 seconds, got {reclaim_interval!r}")
         if on_release_error is not None and not callable(on_release_error):
@@ -108,7 +115,8 @@ class Domain:
         self._deferred_limit = deferred_limit
         # Guards wr_seq advances, rd_seq updates and the counters below.
         self._lock = threading.Lock()
-        self._registry = FlatRegistry()
+        self._registry = Registry()
+        self._scanner: Scanner = SCAN_STRATEGIES[scan](self._registry)
         self._work = DeferredWork()
         self._on_release_error = on_release_error
         self._reclaim_interval = float(reclaim_interval)
@@ -143,6 +151,11 @@ class Domain:
     @property
     def deferred_limit(self) -> int:
         return self._deferred_limit
+
+    @property
+    def scan(self) -> str:
+        """The rd_seq strategy: "incremental" or "flat"."""
+        return self._scanner.name
 
     def advance(self) -> int:
         """wr_seq += 2; returns the new wr_seq."""
@@ -315,6 +328,8 @@ class Domain:
                 "retire() needs the calling thread to be registered: call "
                 "domain.register() first (or use `with domain.registered():`)"
             ) from None
+        if not state.listed:  # first retire of this thread: pollers must visit it
+            self._work.list_writer(state)
         n = state.deferrals + 1
         if n < self._deferred_limit:
             state.deferrals = n
@@ -355,7 +370,7 @@ class Domain:
     @property
     def pending(self) -> int:
         """Scheduled releases not yet run."""
-        return self._work.pending(self._registry.states())
+        return self._work.pending()
 
     def poll(self, goal: int | None = None) -> bool:
         """Recompute rd_seq and run every pending release whose goal <= rd_seq.
@@ -366,16 +381,15 @@ class Domain:
 
     def _poll(self, goal: int | None) -> bool:
         work = self._work
-        registry = self._registry
         # A goal handed out by deferred_advance() may be wr_seq + 2 that
         # nobody has advanced to yet; no quiescent state could ever reach
         # it, so advance now.
-        want = work.newest_goal(registry.states()) if goal is None else goal
+        want = work.newest_goal() if goal is None else goal
         if want > self._wr_seq:
             self.advance()
         caller: ThreadState | None = getattr(self._tls, "state", None)
         rd, alone = self._scan(caller)
-        batch, waiting = work.take_ready(registry.states(), rd, caller if alone else None, True)
+        batch, waiting = work.take_ready(rd, caller if alone else None, True)
         if batch is not None:
             self._run_batch(batch)
         if goal is None:
@@ -384,12 +398,15 @@ class Domain:
             return waiting == 0
         return goal <= self._rd_seq
 
-    def _scan(self, caller: ThreadState | None) -> tuple[int, bool]:
-        """Scan the threads; publish and return rd_seq, and whether the
-        caller is the only attached thread."""
-        # wr_seq is read before the scan (see FlatRegistry.scan).
+    def _scan(self, caller: ThreadState | None, full: bool = False) -> tuple[int, bool]:
+        """Scan the threads (a step of the pass, or a whole pass when
+        ``full``); publish and return rd_seq, and whether the caller is the
+        only attached thread."""
+        # wr_seq is read before the scan and caps its result (see scan.py).
         wr = self._wr_seq
-        min_seq, alone = self._registry.scan(wr, caller)
+        min_seq, alone = self._scanner.scan(wr, caller, full)
+        if min_seq is None:  # no pass completed: rd_seq stays
+            return self._rd_seq, False
         with self._lock:
             self._scans += 1
             # rd_seq never decreases: a thread that registered or attached
@@ -447,7 +464,7 @@ class Domain:
             caller.seq = target
         delay = 0.0
         while True:
-            rd, _ = self._scan(caller)
+            rd, _ = self._scan(caller, full=True)
             if rd >= target:
                 if caller is not None and caller.seq:
                     caller.seq = self._wr_seq
@@ -468,16 +485,15 @@ class Domain:
         self._refuse_in_release("barrier")
         deadline = None if timeout is None else time.monotonic() + timeout
         work = self._work
-        states = self._registry.states
         # Every release scheduled before this line has goal <= wr_seq + 2.
         goal = self._wr_seq + 2
         caller: ThreadState | None = getattr(self._tls, "state", None)
-        while work.has_pending_up_to(states(), goal):
+        while work.has_pending_up_to(goal):
             # One grace period from here reaches the goal (it advances past it).
             if not self._wait_for_grace_period(deadline):
                 return False
-            rd, alone = self._scan(caller)
-            batch, _ = work.take_ready(states(), rd, caller if alone else None)
+            rd, alone = self._scan(caller, full=True)
+            batch, _ = work.take_ready(rd, caller if alone else None)
             if batch is not None:
                 self._run_batch(batch)
             # Other threads may be running batches that hold our releases.
@@ -490,9 +506,9 @@ class Domain:
 
     def stats(self) -> DomainStats:
         work = self._work
-        states = self._registry.states()
+        states = list(self._registry)
         with self._lock:
-            pending = work.pending(states)
+            pending = work.pending()
             released = work.released
             return DomainStats(
                 wr_seq=self._wr_seq,
@@ -540,8 +556,9 @@ class Domain:
         me: ThreadState | None = getattr(self._tls, "state", None)
         if me is not None:
             me.pid = os.getpid()
-        departed = [st for st in self._registry.states() if st is not me]
+        departed = [st for st in self._registry if st is not me]
         self._registry.reset(me)
+        self._scanner.reset()
         self._work.reset_after_fork(departed)
         if self._reclaimer is not None:
             # The reclaimer thread did not survive; start a fresh one.

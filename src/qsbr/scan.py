@@ -1,87 +1,226 @@
-"""The thread registry and the scan that computes rd_seq.
+"""The thread registry, and the scans that compute rd_seq from it.
 
 The design: "The minimum read sequence value across all active threads is
 calculated and stored as the global rd_seq", leaving out detached threads.
-This module keeps the set of registered threads and computes that minimum
-with the design's flat scan: one pass over every thread state.
+Its "Limitations" section warns that scanning every thread "could become a
+bottleneck ... (e.g., >1,000)" threads. This module keeps the registry and
+offers two ways to compute the minimum:
 
-The registry is copy-on-write. register() and unregister() build a new tuple
-under a lock and publish it with one attribute store; a scanner reads the
-tuple once and then iterates it without any lock. A scanner may therefore see
-a registry that is one update old, and that is safe:
+``FlatScan`` (``Domain(scan="flat")``)
+    The design's own: one pass over every thread on every poll. O(threads)
+    per poll, kept so that the two can be compared.
 
-* a thread missing from the snapshot registered after the snapshot was
-  taken, so it copied wr_seq after the scan began and reads shared data only
-  after that: every object whose goal the scan can certify was unlinked
-  before that wr_seq was published, so the new thread cannot reach it;
-* a thread still in the snapshot after it unregistered only makes the
-  result smaller (more conservative), never larger.
+``IncrementalScan`` (``Domain(scan="incremental")``, the default)
+    The pass is spread across polls: each poll examines at most ``step``
+    slots from a remembered cursor, keeping a running minimum, and publishes
+    a result only when the pass reaches the end. And a poll that cannot
+    succeed costs O(1): when the thread that held the last pass to its
+    minimum (the *laggard*) has not moved since, a new pass could not find
+    a larger minimum, so none is started.
 
-Scanning costs O(threads); the design's "Limitations" section names this.
+The registry is a list of slots with a free list: register() and
+unregister() are O(1) amortized, slots are reused (as CPython reuses thread
+state slots), and 10,000 threads coming and going leave no garbage behind.
+Scanners read the slot list without a lock.
+
+Safety of a scan that runs while threads come and go (both strategies):
+
+* Every pass first reads ``wr_seq`` (``pass_wr``) and its result is capped
+  at that value. A goal g <= pass_wr was reached before the pass began, so
+  the object tagged with g was unlinked before the pass began.
+* A thread the pass did not examine (it registered into a slot the pass had
+  already passed, or after the pass read the slot list) registered after
+  the pass began, so it reads shared data only after that unlink: it cannot
+  hold the object. Without the cap this would be wrong: such a thread may
+  have copied an old wr_seq, while every thread the pass did examine moved
+  past g.
+* A thread examined with seq >= g has passed a quiescent state after g was
+  published (see domain.py); one seen detached (seq 0) holds nothing. Later
+  changes can only raise its seq or detach it, never lower it below g.
+* A thread the pass saw that has unregistered since only made the result
+  smaller (more conservative), never larger.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Iterator
 
 from .thread_state import ThreadState
 
-__all__ = ["FlatRegistry"]
+__all__ = ["Registry", "FlatScan", "IncrementalScan", "SCAN_STRATEGIES", "Scanner"]
 
 
-class FlatRegistry:
-    """Registered threads, scanned in full on every scan (the design's way)."""
+class Registry:
+    """Registered threads in reusable slots."""
 
-    __slots__ = ("_lock", "_states")
+    __slots__ = ("_lock", "slots", "_free", "_count")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: Published snapshot; replaced, never mutated in place.
-        self._states: tuple[ThreadState, ...] = ()
+        #: Slot i holds a ThreadState or None. Only grows; read without a lock.
+        self.slots: list[ThreadState | None] = []
+        self._free: list[int] = []
+        self._count = 0
 
     def add(self, state: ThreadState) -> None:
         with self._lock:
-            self._states = (*self._states, state)
+            if self._free:
+                i = self._free.pop()
+                self.slots[i] = state
+            else:
+                i = len(self.slots)
+                self.slots.append(state)
+            state.slot = i
+            self._count += 1
 
     def remove(self, state: ThreadState) -> bool:
-        """Remove ``state``; False when it was not registered."""
+        """Free ``state``'s slot; False when it was not registered."""
         with self._lock:
-            states = self._states
-            if state not in states:
+            i = state.slot
+            if i < 0 or i >= len(self.slots) or self.slots[i] is not state:
                 return False
-            self._states = tuple(s for s in states if s is not state)
+            self.slots[i] = None
+            state.slot = -1
+            self._free.append(i)
+            self._count -= 1
             return True
 
     def reset(self, keep: ThreadState | None) -> None:
         """After fork: only the forking thread survives in the child."""
         self._lock = threading.Lock()
-        self._states = (keep,) if keep is not None else ()
+        self.slots = [keep] if keep is not None else []
+        self._free = []
+        self._count = 1 if keep is not None else 0
+        if keep is not None:
+            keep.slot = 0
 
-    def states(self) -> tuple[ThreadState, ...]:
-        return self._states
+    def __iter__(self) -> Iterator[ThreadState]:
+        for st in self.slots[:]:
+            if st is not None:
+                yield st
 
     def __len__(self) -> int:
-        return len(self._states)
+        return self._count
 
-    def scan(self, wr_seq: int, caller: ThreadState | None) -> tuple[int, bool]:
-        """Return (min seq over attached threads, whether ``caller`` is the
-        only attached thread). With no thread attached, the minimum is
-        ``wr_seq``.
+    @property
+    def capacity(self) -> int:
+        """Slots allocated: the largest number of threads registered at once."""
+        return len(self.slots)
 
-        ``wr_seq`` must have been read *before* this call: when no thread is
-        attached the result is that value, and a value read later could
-        cover a retirement made after the scan started.
-        """
-        lowest = 0
+
+class FlatScan:
+    """The design's scan: every slot, every time."""
+
+    name = "flat"
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def reset(self) -> None:
+        pass
+
+    def scan(self, wr_seq: int, caller: ThreadState | None, full: bool = False) -> tuple[int | None, bool]:
+        """Return (min over attached threads capped at ``wr_seq``, whether
+        ``caller`` is the only attached thread). ``wr_seq`` must have been
+        read before this call (see the module docstring)."""
+        lowest = wr_seq
         attached = 0
-        for st in self._states:
-            seq = st.seq
-            if seq:  # 0 = detached: left out
-                attached += 1
-                if seq < lowest or not lowest:
-                    lowest = seq
-        if not attached:
-            return wr_seq, False
-        # The caller is registered, so it is in the snapshot: if it is
+        for st in self.registry.slots:
+            if st is not None:
+                seq = st.seq
+                if seq:  # 0 = detached: left out
+                    attached += 1
+                    if seq < lowest:
+                        lowest = seq
+        # The caller is registered, so the slot list holds it: if it is
         # attached and only one thread is, that thread is the caller.
         return lowest, attached == 1 and caller is not None and caller.seq != 0
+
+
+class IncrementalScan:
+    """A pass spread across polls, and O(1) polls while a laggard stays put."""
+
+    name = "incremental"
+
+    def __init__(self, registry: Registry, step: int = 64) -> None:
+        if step < 1:
+            raise ValueError("step must be >= 1")
+        self.registry = registry
+        self.step = step
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self._in_pass = False
+        self._pass_wr = 0
+        self._cursor = 0
+        self._lowest = 0
+        self._lowest_state: ThreadState | None = None
+        self._attached = 0
+        # The thread that held the last completed pass to its minimum, and
+        # the seq it had then.
+        self._laggard: ThreadState | None = None
+        self._laggard_seq = 0
+
+    def scan(self, wr_seq: int, caller: ThreadState | None, full: bool = False) -> tuple[int | None, bool]:
+        """Advance the pass by up to ``step`` slots (all of them when
+        ``full``). Returns (the pass's result when it completed in this call,
+        else None; whether the caller is the only attached thread, which is
+        only claimed for a pass that began and ended within this call)."""
+        if not self._lock.acquire(blocking=False):
+            return None, False  # another poller is scanning: let it
+        try:
+            fresh = not self._in_pass
+            if fresh:
+                laggard = self._laggard
+                if (
+                    laggard is not None
+                    and laggard is not caller
+                    and laggard.slot >= 0
+                    and laggard.seq == self._laggard_seq
+                ):
+                    # The thread that held the last pass back has not passed
+                    # a quiescent state (nor detached, nor left): no new pass
+                    # could end higher. O(1).
+                    return None, False
+                self._in_pass = True
+                self._pass_wr = wr_seq
+                self._cursor = 0
+                self._lowest = wr_seq
+                self._lowest_state = None
+                self._attached = 0
+            slots = self.registry.slots
+            start = self._cursor
+            end = len(slots) if full else min(len(slots), start + self.step)
+            lowest = self._lowest
+            lowest_state = self._lowest_state
+            attached = self._attached
+            for i in range(start, end):
+                st = slots[i]
+                if st is not None:
+                    seq = st.seq
+                    if seq:
+                        attached += 1
+                        if seq < lowest:
+                            lowest = seq
+                            lowest_state = st
+            if end < len(slots):
+                self._cursor = end
+                self._lowest = lowest
+                self._lowest_state = lowest_state
+                self._attached = attached
+                return None, False
+            # The pass is complete.
+            self._in_pass = False
+            self._laggard = lowest_state
+            self._laggard_seq = lowest if lowest_state is not None else 0
+            alone = fresh and attached == 1 and caller is not None and caller.seq != 0
+            return lowest, alone
+        finally:
+            self._lock.release()
+
+
+Scanner = FlatScan | IncrementalScan
+SCAN_STRATEGIES = {"flat": FlatScan, "incremental": IncrementalScan}

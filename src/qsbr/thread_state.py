@@ -47,7 +47,18 @@ class Sink:
 class ThreadState:
     """One registered thread's view of the domain."""
 
-    __slots__ = ("seq", "deferrals", "pending", "ident", "name", "pid", "sink", "__weakref__")
+    __slots__ = (
+        "seq",
+        "deferrals",
+        "pending",
+        "listed",
+        "slot",
+        "ident",
+        "name",
+        "pid",
+        "sink",
+        "__weakref__",
+    )
 
     def __init__(self, ident: int, name: str, seq: int) -> None:
         #: wr_seq as of this thread's last quiescent state; 0 = detached.
@@ -57,6 +68,11 @@ class ThreadState:
         #: This thread's pending releases, flat: [goal, fn, arg, goal, fn, arg, ...]
         #: (see deferred.py). Appended only by this thread.
         self.pending: list[Any] = []
+        #: Whether DeferredWork lists this thread as one that retires; set on
+        #: its first retire(), so that polls visit writers only, not readers.
+        self.listed = False
+        #: Index in the registry's slot list; -1 while not registered.
+        self.slot = -1
         self.ident = ident
         self.name = name
         #: The process that registered the thread: after os.fork() the states
