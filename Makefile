@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(VPY) -m qsbr demo --seconds $(SECONDS)
 
 bench: $(STAMP)
+	$(VPY) -m pip install --quiet -e '.[plot]' || echo "matplotlib cannot be installed for this interpreter: JSON only, no plot"
 	$(VPY) -m qsbr bench
 
 lint: $(STAMP)

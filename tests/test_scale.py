@@ -10,7 +10,8 @@ import gc
 import threading
 import time
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ class ParkedReaders:
         self.ready.wait()
         with self.cond:
             while True:
-                self.cond.wait_for(lambda: self.round != seen or self.stop)
+                self.cond.wait_for(lambda seen=seen: self.round != seen or self.stop)
                 if self.stop:
                     break
                 seen = self.round

@@ -45,17 +45,29 @@ class IgnoresReaders(qsbr.Domain):
 
     __slots__ = ()
 
-    def _scan(self, caller: Any) -> tuple[int, bool]:
+    def _scan(self, caller: Any, full: bool = False) -> tuple[int, bool]:
         self._rd_seq = self._wr_seq
         return self._wr_seq, False
 
 
 def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Resource], list[int]]:
+    """Returns (use-after-release reports, every resource, reads per reader).
+    A thread that crashes fails the calling test through ``crashes``."""
     box = Box(Resource(0))
     all_resources: list[Resource] = [box.current]
     stop = threading.Event()
     failures: list[str] = []
+    crashes: list[BaseException] = []
     reads = [0] * 4
+
+    def guarded(fn: Any) -> Any:
+        def run(*args: Any) -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                crashes.append(exc)
+
+        return run
 
     def reader(k: int) -> None:
         n = 0
@@ -88,8 +100,8 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
                 if version % 64 == 0:
                     domain.poll()
 
-    readers = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
-    w = threading.Thread(target=writer)
+    readers = [threading.Thread(target=guarded(reader), args=(k,)) for k in range(4)]
+    w = threading.Thread(target=guarded(writer))
     for t in readers:
         t.start()
     w.start()
@@ -98,6 +110,7 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
     for t in readers:
         t.join(timeout=30)
     assert not w.is_alive() and not any(t.is_alive() for t in readers)
+    assert not crashes, f"a stress thread crashed: {crashes[:3]!r}"
     return failures, all_resources, reads
 
 

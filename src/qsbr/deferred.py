@@ -148,16 +148,16 @@ class DeferredWork:
 
     def pending(self) -> int:
         """Scheduled releases not yet run."""
-        with self._lock:
+        with self._lock:  # _running and _adopted change only under it
             n = 0
             for st in self._writers:
                 n += len(st.pending)
-        for buf in self._adopted:
-            n += len(buf)
-        n //= 3
-        for b in self._running.values():
-            n += b.remaining
-        return n
+            for buf in self._adopted:
+                n += len(buf)
+            n //= 3
+            for b in self._running.values():
+                n += b.remaining
+            return n
 
     def newest_goal(self) -> int:
         """The largest goal pending (0 when nothing is). Unlocked, best effort."""

@@ -379,7 +379,7 @@ class Domain:
         """
         return self._poll(goal)
 
-    def _poll(self, goal: int | None) -> bool:
+    def _poll(self, goal: int | None, full: bool = False) -> bool:
         work = self._work
         # A goal handed out by deferred_advance() may be wr_seq + 2 that
         # nobody has advanced to yet; no quiescent state could ever reach
@@ -388,7 +388,7 @@ class Domain:
         if want > self._wr_seq:
             self.advance()
         caller: ThreadState | None = getattr(self._tls, "state", None)
-        rd, alone = self._scan(caller)
+        rd, alone = self._scan(caller, full)
         batch, waiting = work.take_ready(rd, caller if alone else None, True)
         if batch is not None:
             self._run_batch(batch)
@@ -593,7 +593,8 @@ class _Reclaimer:
             if domain is None:
                 return
             if domain.pending:
-                domain._poll(None)
+                # A whole pass: this thread is on nobody's hot path.
+                domain._poll(None, full=True)
             del domain  # do not keep the domain alive while sleeping
 
 
