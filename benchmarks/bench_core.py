@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,24 +71,21 @@ def main() -> None:
             noop_release(o)
         return time.perf_counter() - t
 
-    def retire_and_release(n: int) -> float:
-        t = time.perf_counter()
-        retire = d.retire
-        for o in objs[:n]:
-            retire(o, noop_release)
-        d.barrier()
-        return time.perf_counter() - t
+    def retire_case(domain: qsbr.Domain) -> Callable[[int], float]:
+        def case(n: int) -> float:
+            t = time.perf_counter()
+            retire = domain.retire
+            for o in objs[:n]:
+                retire(o, noop_release)
+            domain.barrier()
+            return time.perf_counter() - t
+
+        return case
 
     bg = qsbr.Domain(background=True)
     bg.register()
-
-    def retire_background(n: int) -> float:
-        t = time.perf_counter()
-        retire = bg.retire
-        for o in objs[:n]:
-            retire(o, noop_release)
-        bg.barrier()
-        return time.perf_counter() - t
+    retire_and_release = retire_case(d)
+    retire_background = retire_case(bg)
 
     m = 20_000 if QUICK else 100_000
     writer = interleaved(

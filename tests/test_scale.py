@@ -7,10 +7,12 @@ strategy."""
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,46 +21,9 @@ import qsbr
 from conftest import STEP_TIMEOUT, Worker
 from qsbr.scan import IncrementalScan
 
-
-class ParkedReaders:
-    """n registered, attached threads that quiesce only when told to."""
-
-    def __init__(self, domain: qsbr.Domain, n: int) -> None:
-        self.domain = domain
-        self.cond = threading.Condition()
-        self.round = 0
-        self.stop = False
-        self.ready = threading.Barrier(n + 1, timeout=60)
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
-        for t in self.threads:
-            t.start()
-        self.ready.wait()
-
-    def _run(self) -> None:
-        d = self.domain
-        d.register()
-        seen = 0
-        self.ready.wait()
-        with self.cond:
-            while True:
-                self.cond.wait_for(lambda seen=seen: self.round != seen or self.stop)
-                if self.stop:
-                    break
-                seen = self.round
-                d.quiescent()
-        d.unregister()
-
-    def quiesce_all(self) -> None:
-        with self.cond:
-            self.round += 1
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.stop = True
-            self.cond.notify_all()
-        for t in self.threads:
-            t.join(timeout=STEP_TIMEOUT)
+# Parked attached threads, shared with the benchmark that times them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_scale import Parked  # noqa: E402
 
 
 @pytest.fixture
@@ -80,7 +45,7 @@ def test_scan_strategy_is_selectable() -> None:
 
 def test_pass_spread_across_polls_waits_for_every_thread(small_steps: qsbr.Domain) -> None:
     d = small_steps
-    readers = ParkedReaders(d, 30)  # 30 slots, 4 per poll
+    readers = Parked(d, 30)  # 30 slots, 4 per poll
     try:
         d.register()
         released: list[int] = []
@@ -93,7 +58,7 @@ def test_pass_spread_across_polls_waits_for_every_thread(small_steps: qsbr.Domai
         for _ in range(2000):
             if released:
                 break
-            readers.quiesce_all()
+            readers.start_round()
             d.quiescent()
             d.poll()
             time.sleep(0.002)  # let the readers run
@@ -105,7 +70,7 @@ def test_pass_spread_across_polls_waits_for_every_thread(small_steps: qsbr.Domai
 
 def test_poll_behind_an_unmoved_laggard_does_no_scan(small_steps: qsbr.Domain) -> None:
     d = small_steps
-    readers = ParkedReaders(d, 20)
+    readers = Parked(d, 20)
     try:
         d.advance()
         for _ in range(10):  # complete a pass: the readers hold rd_seq at 1
@@ -117,12 +82,12 @@ def test_poll_behind_an_unmoved_laggard_does_no_scan(small_steps: qsbr.Domain) -
         # No new pass was started: the laggard has not moved.
         assert d.stats().scans == scans
         assert scanner._in_pass is False  # 20 readers, 4 a poll: a started pass would still run
-        readers.quiesce_all()
+        readers.start_round()
         # Once it moves, passes resume and rd_seq catches up.
         for _ in range(2000):
             if d.poll(d.wr_seq):
                 break
-            readers.quiesce_all()
+            readers.start_round()
             time.sleep(0.002)
         assert d.goal_reached(d.wr_seq)
         assert d.stats().scans > scans
