@@ -204,11 +204,10 @@ class Domain:
                 "this thread is already registered with this domain; "
                 "call unregister() first, or use `with domain.registered():` once"
             )
-        t = threading.current_thread()
-        state = ThreadState(threading.get_ident(), t.name, 0)
-        # seq is set before the state is published in the registry, so a
-        # scanner never sees a registered-but-unset state as attached 0.
-        state.seq = self._wr_seq
+        # seq = wr_seq is set before the state is published in the registry:
+        # a scanner never sees this thread without it. (An old wr_seq read
+        # here is harmless: scans are capped at the wr_seq they began with.)
+        state = ThreadState(threading.get_ident(), threading.current_thread().name, self._wr_seq)
         self._registry.add(state)
         tls.state = state
         tls.q = state
