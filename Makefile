@@ -4,6 +4,7 @@
 #   make demo                       a 10-second hot-swap under load
 #   make bench                      the benchmarks (writes benchmarks/results/*.json)
 #   make lint                       ruff and mypy --strict
+#   make verify                     spin model check of the protocol, and its mutants (verify/)
 PYTHON ?= python3
 # One virtual environment per interpreter build, e.g. .venv/cpython-311 and .venv/cpython-313t.
 TAG := $(shell $(PYTHON) -c "import sys, sysconfig; print(sys.implementation.cache_tag + ('t' if sysconfig.get_config_var('Py_GIL_DISABLED') else ''))")
@@ -12,7 +13,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SECONDS ?= 10
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint verify clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,13 @@ lint: $(STAMP)
 	$(VPY) -m pip install --quiet -e '.[lint]'
 	$(VPY) -m ruff check src tests benchmarks examples
 	$(VPY) -m mypy
+
+verify:
+	@command -v spin >/dev/null 2>&1 || { \
+	  echo "installing spin (Debian package spin)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq spin; } >/dev/null \
+	  || { echo "could not install spin: install the Debian package 'spin' (as root) and retry"; exit 1; }; }
+	bash verify/run.sh
 
 clean:
 	rm -rf .venv build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
