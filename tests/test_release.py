@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import qsbr
-from conftest import Worker, wait_until
+from conftest import STEP_TIMEOUT, Worker, wait_until
 
 
 def test_release_waits_for_every_thread_attached_at_retire(
@@ -324,3 +324,31 @@ def test_not_shared_path_does_not_apply_with_another_attached_thread(
     assert released == [1]
     worker.call(domain.unregister)
     domain.unregister()
+
+
+@pytest.mark.parametrize("poller", ["unregistered-barrier", "reclaimer"])
+def test_release_may_retire_even_on_an_unregistered_polling_thread(poller: str, worker: Worker) -> None:
+    """Rule 4 holds wherever the release runs: on an unregistered thread that
+    calls barrier(), or on the background reclaimer."""
+    d = qsbr.Domain(background=(poller == "reclaimer"))
+    order: list[str] = []
+
+    def second(x: str) -> None:
+        order.append(x)
+
+    def first(x: str) -> None:
+        order.append(x)
+        d.retire("second", second)
+        d.defer(order.append, "third")
+
+    worker.call(d.register)
+    worker.call(d.retire, "first", first)
+    worker.call(d.detach)  # the worker holds nothing: everything may run
+    assert not d.is_registered()  # this thread polls unregistered
+    for _ in range(3):
+        assert d.barrier(timeout=STEP_TIMEOUT)
+    assert wait_until(lambda: len(order) == 3)
+    assert order == ["first", "second", "third"]
+    assert d.pending == 0 and d.stats().release_errors == 0
+    worker.call(d.unregister)
+    d.close()

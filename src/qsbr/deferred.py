@@ -16,6 +16,8 @@ Invariants:
 * Only the owning thread appends to its list; only a poller holding
   ``_lock`` removes from it, and only from the front. So between the
   poller's ``buf[:j]`` and ``del buf[:j]`` the prefix cannot change.
+  (The one shared list, ``_orphans``, for releases that retire on an
+  unregistered thread, is appended to under ``_lock``, goal read included.)
 * Goals in one list never decrease: one thread reads wr_seq, which only
   grows, in program order. So "the last goal is ready" means "all are", and
   the ready part of a list is a prefix found by binary search.
@@ -100,6 +102,9 @@ class DeferredWork:
         self._adopted: list[list[Any]] = []
         #: Threads that have retired something; replaced, never mutated.
         self._writers: tuple[ThreadState, ...] = ()
+        #: Retirements made by releases running on unregistered threads (the
+        #: reclaimer, an unregistered poller): goal and append under _lock.
+        self._orphans: list[Any] = []
         self._running: dict[int, Batch] = {}
         self._waiters = 0  # threads in wait_running()
         self._next_batch_id = 0
@@ -131,6 +136,19 @@ class DeferredWork:
             if not state.listed:
                 state.listed = True
                 self._writers = (*self._writers, state)
+
+    def push_orphan(self, wr_seq: Callable[[], int], fn: Callable[[Any], Any], arg: Any) -> int:
+        """Queue a release for a thread with no ThreadState (see _orphans).
+
+        The goal (wr_seq + 2) is read and the triple appended under _lock, so
+        goals in this shared list never decrease, as in a per-thread list."""
+        with self._lock:
+            goal = wr_seq() + 2
+            orphans = self._orphans
+            orphans.extend((goal, fn, arg))
+            if not any(b is orphans for b in self._adopted):
+                self._adopted.append(orphans)
+            return goal
 
     def adopt(self, state: ThreadState) -> None:
         with self._lock:

@@ -190,6 +190,9 @@ class Domain:
         state.deferrals = 0
         return self.advance()
 
+    def _read_wr_seq(self) -> int:
+        return self._wr_seq
+
     def goal_reached(self, goal: int) -> bool:
         """goal <= rd_seq, without scanning."""
         return goal <= self._rd_seq
@@ -323,8 +326,12 @@ class Domain:
         try:
             state: ThreadState = self._tls.state
         except AttributeError:
+            if getattr(self._tls, "in_release", False):
+                # A release calling retire() on a thread that polls without
+                # being registered (the reclaimer, an unregistered poller).
+                return self._work.push_orphan(self._read_wr_seq, release, obj)
             raise NotRegisteredError(
-                "retire() needs the calling thread to be registered: call "
+                "retire()/defer() need the calling thread to be registered: call "
                 "domain.register() first (or use `with domain.registered():`)"
             ) from None
         if not state.listed:  # first retire of this thread: pollers must visit it
@@ -348,11 +355,6 @@ class Domain:
         """Schedule fn(*args, **kwargs) like retire() schedules a release."""
         if not callable(fn):
             raise TypeError(f"defer() needs a callable, got {type(fn).__name__}")
-        if not self.is_registered():
-            raise NotRegisteredError(
-                "defer() needs the calling thread to be registered: call "
-                "domain.register() first (or use `with domain.registered():`)"
-            )
         return self.retire(Call(fn, args, kwargs) if args or kwargs else fn, call_no_arg)
 
     def _after_advance(self) -> None:
