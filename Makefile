@@ -5,6 +5,7 @@
 #   make bench                      the benchmarks (writes benchmarks/results/*.json)
 #   make lint                       ruff and mypy --strict
 #   make verify                     spin model check of the protocol, and its mutants (verify/)
+#   make torture SECONDS=300        the rcutorture-style test, longer than CI runs it
 PYTHON ?= python3
 # One virtual environment per interpreter build, e.g. .venv/cpython-311 and .venv/cpython-313t.
 TAG := $(shell $(PYTHON) -c "import sys, sysconfig; print(sys.implementation.cache_tag + ('t' if sysconfig.get_config_var('Py_GIL_DISABLED') else ''))")
@@ -13,7 +14,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SECONDS ?= 10
 
-.PHONY: test demo bench lint verify clean
+.PHONY: test demo bench lint verify torture clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,9 @@ lint: $(STAMP)
 	$(VPY) -m pip install --quiet -e '.[lint]'
 	$(VPY) -m ruff check src tests benchmarks examples
 	$(VPY) -m mypy
+
+torture: $(STAMP)
+	QSBR_TORTURE_SECONDS=$(SECONDS) $(VPY) -m pytest -q tests/test_torture.py -k bound
 
 verify:
 	@command -v spin >/dev/null 2>&1 || { \
