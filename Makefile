@@ -1,7 +1,8 @@
 # The project's front door: `make demo` and `make test` do all set-up themselves.
 #   make test                       the test suite under python3
 #   make test PYTHON=/path/to/py    the same under another interpreter (e.g. free-threaded 3.13t)
-#   make demo                       a 10-second hot-swap under load
+#   make demo                       a 10-second hot-swap under load (live view)
+#   make demo ARGS=--stall          the same with a stuck reader, a byte cap and stall detection
 #   make bench                      the benchmarks (writes benchmarks/results/*.json)
 #   make lint                       ruff and mypy --strict
 #   make verify                     spin model check of the protocol, and its mutants (verify/)
@@ -27,8 +28,10 @@ $(STAMP): pyproject.toml | $(VPY)
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
+# The live view needs rich (the [live] extra); the demo falls back to plain lines without it.
 demo: $(STAMP)
-	$(VPY) -m qsbr demo --seconds $(SECONDS)
+	$(VPY) -m pip install --quiet -e '.[live]' || echo "rich cannot be installed for this interpreter: plain output"
+	$(VPY) -m qsbr demo --seconds $(SECONDS) $(ARGS)
 
 bench: $(STAMP)
 	$(VPY) -m pip install --quiet -e '.[plot]' || echo "matplotlib cannot be installed for this interpreter: JSON only, no plot"

@@ -69,3 +69,26 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert result_files
     data = json.loads(result_files[-1].read_text())
     assert data["ratios"]["quiescent_vs_empty_call"] > 0
+
+
+def test_stall_demo_names_the_stuck_reader_and_keeps_the_cap() -> None:
+    buf = io.StringIO()
+    report = run_demo(seconds=2.5, readers=2, out=buf, stall=True, live=False)
+    text = buf.getvalue()
+    assert report.ok, text
+    assert report.cap_bytes is not None and report.max_backlog_bytes <= report.cap_bytes
+    assert [s.thread_name for s in report.stalls] == ["reader-0"]
+    assert "STALL: thread 'reader-0'" in text and "within the cap" in text
+
+
+def test_live_view_renders_with_rich() -> None:
+    pytest.importorskip("rich")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    buf = Terminal()
+    report = run_demo(seconds=1.0, readers=2, out=buf)
+    assert report.ok, buf.getvalue()
+    assert "grace periods/s" in buf.getvalue() and "backlog (bytes)" in buf.getvalue()

@@ -9,9 +9,18 @@ docs/design.md for how this package maps onto it.
 
 from __future__ import annotations
 
-from .domain import Domain, default_domain
-from .errors import NotRegisteredError
+from .domain import Domain, default_domain, estimate_size
+from .errors import NotRegisteredError, PendingLimitError
+from .stall import StallReport
 from .stats import DomainStats
 
-__all__ = ["Domain", "DomainStats", "NotRegisteredError", "default_domain"]
+__all__ = [
+    "Domain",
+    "DomainStats",
+    "NotRegisteredError",
+    "PendingLimitError",
+    "StallReport",
+    "default_domain",
+    "estimate_size",
+]
 __version__ = "0.1.0"

@@ -37,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let the writer's retire() run releases instead of a background reclaimer",
     )
+    demo.add_argument(
+        "--stall",
+        action="store_true",
+        help="one reader stops quiescing for a while: watch it being named and the backlog held under a cap",
+    )
+    view = demo.add_mutually_exclusive_group()
+    view.add_argument("--live", dest="live", action="store_true", default=None, help="live view (needs rich)")
+    view.add_argument("--plain", dest="live", action="store_false", help="one plain line per second")
 
     bench = sub.add_parser("bench", help="run the benchmarks in benchmarks/ and write JSON results")
     bench.add_argument("names", nargs="*", help="benchmarks to run (bench_NAME.py), default all")
@@ -55,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             readers=args.readers,
             swap_interval=args.swap_ms / 1000,
             background=not args.no_reclaimer,
+            stall=args.stall,
+            live=args.live,
         )
         return 0 if report.ok else 1
     if args.command == "bench":

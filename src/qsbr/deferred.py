@@ -2,15 +2,24 @@
 
 As in CPython, every registered thread keeps its own list of pending
 releases (``ThreadState.pending``); retire() appends to the caller's list
-and takes no lock. A list is flat: three entries per release,
+and takes no lock. A list is flat: four entries (an *entry*) per release,
 
-    [goal, fn, arg,  goal, fn, arg,  ...]      a release is fn(arg)
+    [goal, fn, arg, size,  goal, fn, arg, size,  ...]   a release is fn(arg)
 
 appended with one ``list.extend`` (a single atomic operation on the GIL and
 the free-threaded build, so a reader of the list never sees a partial
-triple). Pollers in any thread take *ready prefixes* of these lists (every
-triple whose goal <= rd_seq) into a batch under ``_lock`` and run the batch
+entry). ``size`` is the number of bytes the release frees, for the byte
+budget. Pollers in any thread take *ready prefixes* of these lists (every
+entry whose goal <= rd_seq) into a batch under ``_lock`` and run the batch
 after releasing it, so a release may call retire() or poll() again.
+
+Bytes are counted without a shared counter on the retire path: each thread
+adds to its own ``retired_bytes`` (before it appends), the lock-holding
+batch runner adds to ``released_bytes``, and ``pending_bytes`` is the
+difference (never negative: a release is counted as retired before anyone
+can take it). When a hard cap is set (``max_pending``/``max_pending_bytes``)
+retire() first *reserves* room under ``_lock`` and the batch runner gives it
+back, so the capped totals are exact and never exceed the cap.
 
 Invariants:
 * Only the owning thread appends to its list; only a poller holding
@@ -18,10 +27,12 @@ Invariants:
   poller's ``buf[:j]`` and ``del buf[:j]`` the prefix cannot change.
   (The one shared list, ``_orphans``, for releases that retire on an
   unregistered thread, is appended to under ``_lock``, goal read included.)
+* Lists hold whole entries: their length is a multiple of ENTRY, and every
+  slice taken or deleted starts and ends on an entry boundary.
 * Goals in one list never decrease: one thread reads wr_seq, which only
   grows, in program order. So "the last goal is ready" means "all are", and
   the ready part of a list is a prefix found by binary search.
-* A triple leaves a list only inside a batch, and a batch is run by one
+* An entry leaves a list only inside a batch, and a batch is run by one
   thread: each release runs exactly once.
 * Pollers visit only threads that have retired something (``_writers``, a
   copy-on-write tuple a thread joins on its first retire()), never the
@@ -40,9 +51,12 @@ from typing import Any
 
 from .thread_state import ThreadState
 
-__all__ = ["DeferredWork", "ErrorHandler", "call_no_arg", "Call"]
+__all__ = ["DeferredWork", "ErrorHandler", "call_no_arg", "Call", "ENTRY"]
 
 ErrorHandler = Callable[[BaseException, Any], None]
+
+#: List slots per pending release: goal, fn, arg, size.
+ENTRY = 4
 
 
 def call_no_arg(fn: Callable[[], Any]) -> None:
@@ -69,26 +83,31 @@ class Call:
 
 def _ready_prefix(buf: list[Any], n: int, rd_seq: int) -> int:
     """Length of the prefix of buf[:n] whose goals are <= rd_seq."""
-    if buf[n - 3] <= rd_seq:  # goals never decrease: all ready
+    if buf[n - ENTRY] <= rd_seq:  # goals never decrease: all ready
         return n
-    lo, hi = 0, n // 3
+    lo, hi = 0, n // ENTRY
     while lo < hi:
         mid = (lo + hi) // 2
-        if buf[3 * mid] <= rd_seq:
+        if buf[ENTRY * mid] <= rd_seq:
             lo = mid + 1
         else:
             hi = mid
-    return 3 * lo
+    return ENTRY * lo
+
+
+def _bytes_of(chunk: list[Any]) -> int:
+    return sum(chunk[3::ENTRY])
 
 
 class Batch:
-    """Triples taken together; run by exactly one thread."""
+    """Entries taken together; run by exactly one thread."""
 
-    __slots__ = ("chunks", "remaining", "min_goal", "bid")
+    __slots__ = ("chunks", "remaining", "remaining_bytes", "min_goal", "bid")
 
     def __init__(self, chunks: list[list[Any]], remaining: int, min_goal: int, bid: int) -> None:
         self.chunks = chunks
         self.remaining = remaining  # releases not yet run (counted per chunk)
+        self.remaining_bytes = sum(_bytes_of(c) for c in chunks)
         self.min_goal = min_goal
         self.bid = bid
 
@@ -96,7 +115,7 @@ class Batch:
 class DeferredWork:
     """Every pending release of one domain, and the batches being run."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending: int | None = None, max_pending_bytes: int | None = None) -> None:
         self._lock = threading.Lock()
         self._batch_done = threading.Condition(self._lock)
         self._adopted: list[list[Any]] = []
@@ -115,12 +134,34 @@ class DeferredWork:
         #: work pending but nothing ready.
         self.polls = 0
         self.failed_polls = 0
+        #: Bytes: retired by threads that have left (and by _orphans), and
+        #: freed by releases that have run. See the module docstring.
+        self.departed_bytes = 0
+        self.released_bytes = 0
+        self.max_pending_bytes = 0
+        # The hard cap (None = no cap) and what retire() has reserved of it.
+        self.cap_items = max_pending
+        self.cap_bytes = max_pending_bytes
+        self.capped = max_pending is not None or max_pending_bytes is not None
+        self.reserved_items = 0
+        self.reserved_bytes = 0
+        self._space = threading.Condition(self._lock)
+        self._space_waiters = 0
 
     def reset_after_fork(self, departed: Iterable[ThreadState]) -> None:
         """In a forked child: adopt the backlogs of threads that did not
         survive; batches other threads were running died with them."""
         self._lock = threading.Lock()
         self._batch_done = threading.Condition(self._lock)
+        self._space = threading.Condition(self._lock)
+        self._space_waiters = 0
+        # Batches other threads were running in the parent ran there, not
+        # here: they are gone from this process, and so are their bytes.
+        for b in self._running.values():
+            self.released_bytes += b.remaining_bytes
+            if self.capped:
+                self.reserved_items -= b.remaining
+                self.reserved_bytes -= b.remaining_bytes
         self._running.clear()
         self._waiters = 0
         for st in departed:
@@ -137,15 +178,19 @@ class DeferredWork:
                 state.listed = True
                 self._writers = (*self._writers, state)
 
-    def push_orphan(self, wr_seq: Callable[[], int], fn: Callable[[Any], Any], arg: Any) -> int:
+    def push_orphan(self, wr_seq: Callable[[], int], fn: Callable[[Any], Any], arg: Any, size: int) -> int:
         """Queue a release for a thread with no ThreadState (see _orphans).
 
-        The goal (wr_seq + 2) is read and the triple appended under _lock, so
+        The goal (wr_seq + 2) is read and the entry appended under _lock, so
         goals in this shared list never decrease, as in a per-thread list."""
         with self._lock:
             goal = wr_seq() + 2
             orphans = self._orphans
-            orphans.extend((goal, fn, arg))
+            self.departed_bytes += size
+            if self.capped:  # admitted over the cap: see Domain._admit
+                self.reserved_items += 1
+                self.reserved_bytes += size
+            orphans.extend((goal, fn, arg, size))
             if not any(b is orphans for b in self._adopted):
                 self._adopted.append(orphans)
             return goal
@@ -159,37 +204,101 @@ class DeferredWork:
             state.listed = False
             self._writers = tuple(w for w in self._writers if w is not state)
         buf, state.pending = state.pending, []
+        # Its bytes now belong to the domain (the thread adds no more).
+        self.departed_bytes += state.retired_bytes
+        state.retired_bytes = 0
         if buf:
             self._adopted.append(buf)
+
+    # -- the hard cap ----------------------------------------------------------
+
+    def try_reserve(self, size: int, force: bool = False) -> bool:
+        """Reserve room for one release of ``size`` bytes under the cap."""
+        with self._lock:
+            items = self.reserved_items + 1
+            nbytes = self.reserved_bytes + size
+            if not force and (
+                (self.cap_items is not None and items > self.cap_items)
+                or (self.cap_bytes is not None and nbytes > self.cap_bytes)
+            ):
+                return False
+            self.reserved_items = items
+            self.reserved_bytes = nbytes
+            if nbytes > self.max_pending_bytes:
+                self.max_pending_bytes = nbytes
+            if items > self.max_pending:
+                self.max_pending = items
+            return True
+
+    def wait_for_space(self, timeout: float) -> None:
+        """Sleep until a batch frees something, or ``timeout`` seconds."""
+        with self._lock:
+            self._space_waiters += 1
+            try:
+                self._space.wait(timeout)
+            finally:
+                self._space_waiters -= 1
+
+    def reserved(self) -> tuple[int, int]:
+        with self._lock:
+            return self.reserved_items, self.reserved_bytes
 
     # -- observers ---------------------------------------------------------
 
     def pending(self) -> int:
         """Scheduled releases not yet run."""
         with self._lock:  # _running and _adopted change only under it
-            n = 0
-            for st in self._writers:
-                n += len(st.pending)
-            for buf in self._adopted:
-                n += len(buf)
-            n //= 3
+            return self._pending_locked()
+
+    def _pending_locked(self) -> int:
+        n = 0
+        for st in self._writers:
+            n += len(st.pending)
+        for buf in self._adopted:
+            n += len(buf)
+        n //= ENTRY
+        for b in self._running.values():
+            n += b.remaining
+        return n
+
+    def pending_bytes(self) -> int:
+        """Bytes the pending releases will free (sizes given to retire())."""
+        with self._lock:
+            return self._pending_bytes_locked()
+
+    def _pending_bytes_locked(self) -> int:
+        # released_bytes only moves under _lock, and every thread adds to its
+        # retired_bytes before the entry can be taken: the difference is >= 0.
+        retired = self.departed_bytes
+        for st in self._writers:
+            retired += st.retired_bytes
+        return retired - self.released_bytes
+
+    def oldest_goal(self) -> int:
+        """The smallest goal pending or running (0 when nothing is)."""
+        with self._lock:
+            oldest = 0
+            for buf in [st.pending for st in self._writers] + self._adopted:
+                if buf and (not oldest or buf[0] < oldest):
+                    oldest = buf[0]
             for b in self._running.values():
-                n += b.remaining
-            return n
+                if not oldest or b.min_goal < oldest:
+                    oldest = b.min_goal
+            return oldest
 
     def newest_goal(self) -> int:
         """The largest goal pending (0 when nothing is). Unlocked, best effort."""
         newest = 0
         for st in self._writers:
             try:
-                g = st.pending[-3]
+                g = st.pending[-ENTRY]
             except IndexError:
                 continue
             if g > newest:
                 newest = g
         for buf in self._adopted[:]:
             try:
-                g = buf[-3]
+                g = buf[-ENTRY]
             except IndexError:
                 continue
             if g > newest:
@@ -234,7 +343,7 @@ class DeferredWork:
                 n = len(buf)  # the owner may append past n meanwhile
                 if not n:
                     continue
-                if buf[n - 3] <= rd_seq or (alone is not None and buf is alone.pending):
+                if buf[n - ENTRY] <= rd_seq or (alone is not None and buf is alone.pending):
                     j = n  # goals never decrease: all of buf[:n] is ready
                 else:
                     j = _ready_prefix(buf, n, rd_seq)
@@ -249,16 +358,19 @@ class DeferredWork:
                     min_goal = chunk[0]
             if taken and self._adopted:
                 self._adopted = [b for b in self._adopted if b]
-            waiting //= 3
+            waiting //= ENTRY
             for b in self._running.values():
                 waiting += b.remaining
             if is_poll:
                 self.polls += 1
                 if not taken and waiting:
                     self.failed_polls += 1
-            taken //= 3
+            taken //= ENTRY
             if waiting + taken > self.max_pending:
                 self.max_pending = waiting + taken
+            nbytes = self._pending_bytes_locked()
+            if nbytes > self.max_pending_bytes:
+                self.max_pending_bytes = nbytes
             if not taken:
                 return None, waiting
             bid = self._next_batch_id
@@ -274,7 +386,7 @@ class DeferredWork:
         SystemExit) stops the batch: the releases not yet run go back, ahead
         of everything else, so nothing is lost; the exception propagates.
         """
-        ran = errors = 0
+        ran = errors = freed = 0
         chunks = batch.chunks
         leftover: list[list[Any]] = []
         it: Any = None
@@ -282,18 +394,19 @@ class DeferredWork:
             while chunks:
                 chunk = chunks.pop(0)
                 it = iter(chunk)
-                for _goal, fn, arg in zip(it, it, it):  # noqa: B905 - triples by design
+                for _goal, fn, arg, size in zip(it, it, it, it):  # noqa: B905 - entries by design
                     ran += 1
+                    freed += size
                     try:
                         fn(arg)
                     except Exception as exc:
                         errors += 1
                         on_error(exc, arg)
                 it = None
-                batch.remaining -= len(chunk) // 3
+                batch.remaining -= len(chunk) // ENTRY
         except BaseException:
             # Only a BaseException from a release gets here: the one that
-            # raised has run (and failed); the rest go back.
+            # raised has run (and failed); the rest go back, whole entries.
             rest = list(it) if it is not None else []
             leftover = ([rest] if rest else []) + chunks
             raise
@@ -303,7 +416,14 @@ class DeferredWork:
                     self._adopted[:0] = leftover
                 del self._running[batch.bid]
                 self.released += ran
+                self.released_bytes += freed
+                batch.remaining_bytes -= freed
                 self.errors += errors
+                if self.capped:
+                    self.reserved_items -= ran
+                    self.reserved_bytes -= freed
+                if self._space_waiters:
+                    self._space.notify_all()
                 if self._waiters:  # notify_all is not free: only when barrier() waits
                     self._batch_done.notify_all()
         return ran

@@ -29,8 +29,10 @@ loads of an object's slots are atomic with release/acquire ordering at least
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
+import sys
 import threading
 import time
 import weakref
@@ -39,14 +41,49 @@ from typing import Any
 
 from ._unraisable import report_unraisable
 from .deferred import Call, DeferredWork, ErrorHandler, call_no_arg
-from .errors import NotRegisteredError
+from .errors import NotRegisteredError, PendingLimitError
 from .scan import SCAN_STRATEGIES, Registry, Scanner
+from .stall import StallDetector, StallReport
 from .stats import DomainStats
 from .thread_state import ExitSentinel, ThreadState
 
 __all__ = ["Domain", "default_domain"]
 
 _RELEASE_ERROR_MSG = "Exception ignored in a qsbr release of"
+
+#: Advances remembered for grace-period timing and stall ages; past this
+#: many outstanding (rd_seq far behind), later ones are not timed.
+_GP_STARTS_KEPT = 4096
+
+#: type -> whether its instances carry their size as ``nbytes``.
+_HAS_NBYTES: dict[type, bool] = {}
+
+
+def estimate_size(obj: Any) -> int:
+    """retire()'s default size: ``obj.nbytes`` for buffers (memoryview,
+    numpy/array-like objects), ``len()`` for mmaps, else sys.getsizeof."""
+    t = type(obj)
+    has = _HAS_NBYTES.get(t)
+    if has is None:
+        has = _HAS_NBYTES[t] = isinstance(getattr(t, "nbytes", None), (property, type(memoryview.nbytes)))
+    if has:
+        n = obj.nbytes
+        if isinstance(n, int):
+            return n
+    if t.__name__ == "mmap" and t.__module__ == "mmap":
+        try:
+            return len(obj)
+        except ValueError:  # closed
+            return 0
+    return sys.getsizeof(obj)
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, not {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
 
 #: Every live domain, so that an os.fork() child can repair each of them.
 _domains: weakref.WeakSet[Domain] = weakref.WeakSet()
@@ -71,6 +108,13 @@ class Domain:
         "_advances",
         "_scans",
         "_grace_periods",
+        "_deferred_bytes",
+        "_on_full",
+        "_stalls",
+        "_gp_starts",
+        "_longest_gp",
+        "_full_waits",
+        "_limit_errors",
         "__weakref__",
     )
 
@@ -82,6 +126,12 @@ class Domain:
         background: bool = False,
         reclaim_interval: float = 0.005,
         on_release_error: ErrorHandler | None = None,
+        deferred_bytes: int = 1 << 20,
+        max_pending: int | None = None,
+        max_pending_bytes: int | None = None,
+        on_full: str = "block",
+        stall_timeout: float | None = 10.0,
+        on_stall: Callable[[StallReport], object] | None = None,
     ) -> None:
         """Create a domain.
 
@@ -96,6 +146,20 @@ class Domain:
         reclaim_interval: how often the reclaimer polls while work is pending.
         on_release_error: called as on_release_error(exc, obj) when a release
             raises; by default the exception goes to sys.unraisablehook.
+        deferred_bytes: a thread also advances wr_seq and polls once the
+            bytes it retired since its last advance exceed this (1 MiB by
+            default, as CPython 3.14), so one retirement bigger than it is
+            processed at once.
+        max_pending, max_pending_bytes: a hard cap on the backlog (releases,
+            bytes; None = no cap). A retire() that would pass it blocks or
+            raises, per on_full.
+        on_full: "block" (the retiring thread reclaims and waits, counted as
+            quiescent while it waits, until the release fits) or "raise"
+            (PendingLimitError, nothing queued).
+        stall_timeout: seconds an attached thread may go without a quiescent
+            state while releases wait on it before it is reported as stalled
+            (logger "qsbr", WARNING, once per stall); None turns it off.
+        on_stall: also called as on_stall(report) for each new stall.
         """
         if isinstance(deferred_limit, bool) or not isinstance(deferred_limit, int):
             raise TypeError(f"deferred_limit must be an int >= 1, not {deferred_limit!r}")
@@ -109,6 +173,24 @@ class Domain:
             raise ValueError(f"reclaim_interval must be > 0 seconds, got {reclaim_interval!r}")
         if on_release_error is not None and not callable(on_release_error):
             raise TypeError("on_release_error must be callable(exc, obj) or None")
+        _check_count("deferred_bytes", deferred_bytes, minimum=1)
+        if max_pending is not None:
+            _check_count("max_pending", max_pending, minimum=1)
+        if max_pending_bytes is not None:
+            _check_count("max_pending_bytes", max_pending_bytes, minimum=1)
+        if on_full not in ("block", "raise"):
+            raise ValueError(f'on_full must be "block" or "raise", got {on_full!r}')
+        if stall_timeout is not None and (
+            isinstance(stall_timeout, bool)
+            or not isinstance(stall_timeout, (int, float))
+            or not stall_timeout > 0
+        ):
+            raise ValueError(
+                "stall_timeout must be > 0 seconds, or None to turn stall detection off; "
+                f"got {stall_timeout!r}"
+            )
+        if on_stall is not None and not callable(on_stall):
+            raise TypeError("on_stall must be callable(report) or None")
         self._wr_seq = 1
         self._rd_seq = 1
         self._tls = threading.local()
@@ -117,7 +199,16 @@ class Domain:
         self._lock = threading.Lock()
         self._registry = Registry()
         self._scanner: Scanner = SCAN_STRATEGIES[scan](self._registry)
-        self._work = DeferredWork()
+        self._work = DeferredWork(max_pending, max_pending_bytes)
+        self._deferred_bytes = deferred_bytes
+        self._on_full = on_full
+        self._stalls = StallDetector(None if stall_timeout is None else float(stall_timeout), on_stall)
+        # (wr_seq value, time it was advanced to) for advances rd_seq has not
+        # reached yet, oldest first; bounded (see _record_advance).
+        self._gp_starts: list[tuple[int, float]] = []
+        self._longest_gp = 0.0
+        self._full_waits = 0
+        self._limit_errors = 0
         self._on_release_error = on_release_error
         self._reclaim_interval = float(reclaim_interval)
         self._closed = False
@@ -165,7 +256,17 @@ class Domain:
             # read it without a lock (a single atomic attribute load).
             self._wr_seq = new = self._wr_seq + 2
             self._advances += 1
+            if len(self._gp_starts) < _GP_STARTS_KEPT:
+                self._gp_starts.append((new, time.monotonic()))
         return new
+
+    def _advanced_past(self, seq: int) -> float | None:
+        """When wr_seq first advanced past ``seq`` (None: not since rd_seq
+        passed it, or too long ago to be remembered)."""
+        with self._lock:
+            starts = self._gp_starts
+            i = bisect.bisect_right(starts, seq, key=lambda e: e[0])
+            return starts[i][1] if i < len(starts) else None
 
     def deferred_advance(self) -> int:
         """The goal for a new retirement: wr_seq + 2 without advancing, except
@@ -312,16 +413,22 @@ class Domain:
 
     # -- writers: retiring -----------------------------------------------
 
-    def retire(self, obj: Any, release: Callable[[Any], Any]) -> int:
+    def retire(self, obj: Any, release: Callable[[Any], Any], *, size: int | None = None) -> int:
         """Schedule release(obj) for when no thread can still hold obj.
 
-        Call it after obj is unlinked (no new reader can reach it). Returns
-        the goal: ``poll(goal)`` / ``goal_reached(goal)`` tell when it is met.
+        Call it after obj is unlinked (no new reader can reach it). ``size``
+        is the bytes the release frees (default: a cheap estimate, see
+        estimate_size()). Returns the goal: ``poll(goal)`` /
+        ``goal_reached(goal)`` tell when it is met.
         """
         if not callable(release):
             raise TypeError(
                 f"release must be callable, e.g. retire(obj, obj.close); got {type(release).__name__}"
             )
+        if size is None:
+            size = estimate_size(obj)
+        elif isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"size must be an int >= 0 (bytes the release frees), got {size!r}")
         # Every writer's hot path: deferred_advance() and the append, inlined.
         try:
             state: ThreadState = self._tls.state
@@ -329,33 +436,150 @@ class Domain:
             if getattr(self._tls, "in_release", False):
                 # A release calling retire() on a thread that polls without
                 # being registered (the reclaimer, an unregistered poller).
-                return self._work.push_orphan(self._read_wr_seq, release, obj)
+                return self._work.push_orphan(self._read_wr_seq, release, obj, size)
             raise NotRegisteredError(
                 "retire()/defer() need the calling thread to be registered: call "
                 "domain.register() first (or use `with domain.registered():`)"
             ) from None
+        if self._work.capped:
+            done = self._admit(state, obj, release, size)
+            if done:  # too big for any backlog: released here, after a grace period
+                return done
         if not state.listed:  # first retire of this thread: pollers must visit it
             self._work.list_writer(state)
+            self._stalls.ensure_watchdog(self)
+        # Counted before the append, so pending_bytes is never negative.
+        state.retired_bytes += size
         n = state.deferrals + 1
-        if n < self._deferred_limit:
+        nbytes = state.deferred_bytes + size
+        if n < self._deferred_limit and nbytes <= self._deferred_bytes:
             state.deferrals = n
+            state.deferred_bytes = nbytes
             # goal = wr_seq + 2 without advancing: whoever advances next
             # publishes it, and poll() advances if nobody does. The read of
             # wr_seq comes after the caller unlinked obj (program order).
             goal = self._wr_seq + 2
-            state.pending.extend((goal, release, obj))  # one atomic append
+            state.pending.extend((goal, release, obj, size))  # one atomic append
             return goal
+        # The deferred_limit-th retirement, or past the byte budget: advance
+        # and process now (CPython 3.14's rule for deferred memory).
         state.deferrals = 0
+        state.deferred_bytes = 0
         goal = self.advance()
-        state.pending.extend((goal, release, obj))
+        state.pending.extend((goal, release, obj, size))
         self._after_advance()
         return goal
+
+    def _admit(self, state: ThreadState, obj: Any, release: Callable[[Any], Any], size: int) -> int:
+        """Make room under the hard cap for one release of ``size`` bytes.
+
+        Returns 0 once room is reserved (the caller queues the release), or
+        the goal of a release too big for the cap, which was run here after
+        a grace period. Raises PendingLimitError when on_full="raise".
+        """
+        work = self._work
+        if work.try_reserve(size):
+            return 0
+        if getattr(self._tls, "in_release", False):
+            # A release that retires cannot wait for reclamation: the batch
+            # it runs in is part of the backlog it would wait on. Admitted
+            # over the cap (documented in docs/api.md).
+            work.try_reserve(size, force=True)
+            return 0
+        cap_bytes = work.cap_bytes
+        too_big = cap_bytes is not None and size > cap_bytes
+        if not too_big:
+            self._poll(None, full=True)  # reclaim what is ready, then retry
+            if work.try_reserve(size):
+                return 0
+        if self._on_full == "raise":
+            with self._lock:
+                self._limit_errors += 1
+            items, nbytes = work.reserved()
+            raise PendingLimitError(
+                pending=items,
+                pending_bytes=nbytes,
+                size=size,
+                max_pending=work.cap_items,
+                max_pending_bytes=cap_bytes,
+                holders=tuple(self._holders()),
+            )
+        with self._lock:
+            self._full_waits += 1
+        if too_big:
+            # No backlog could hold it: wait for a grace period and release
+            # it here. Nothing is lost and the cap is never passed.
+            goal = self.advance()
+            self._wait_for_grace_period(None)
+            self._run_inline(obj, release)
+            return goal
+        # Block: this thread counts as quiescent while it waits (like
+        # synchronize()); it drives reclamation itself, since it may be
+        # the only writer, and wakes when any batch frees something.
+        attached = state.seq != 0
+        delay = 1e-4
+        try:
+            while True:
+                if attached:
+                    state.seq = self._wr_seq
+                self._poll(None, full=True)
+                if work.try_reserve(size):
+                    return 0
+                self._stalls.maybe_check(self)
+                work.wait_for_space(delay)
+                delay = min(delay * 2, 0.02)
+        finally:
+            if attached:
+                state.seq = self._wr_seq
+
+    def _run_inline(self, obj: Any, release: Callable[[Any], Any]) -> None:
+        """Run one release now (see _admit); it never entered the backlog,
+        so it counts as a release but not in the byte totals."""
+        tls = self._tls
+        outer = getattr(tls, "in_release", False)
+        tls.in_release = True
+        try:
+            release(obj)
+        except Exception as exc:
+            with self._work._lock:
+                self._work.errors += 1
+            self._report_error(exc, obj)
+        finally:
+            tls.in_release = outer
+            with self._work._lock:
+                self._work.released += 1
+
+    def _holders(self) -> list[StallReport]:
+        """The attached threads that the oldest pending release waits on."""
+        oldest = self._work.oldest_goal()
+        wr = self._wr_seq
+        need = min(oldest, wr) if oldest else 0
+        now = time.monotonic()
+        out = []
+        for st in list(self._registry):
+            seq = st.seq
+            if seq and seq < need:
+                since = self._advanced_past(seq)
+                out.append(
+                    StallReport(
+                        thread_name=st.name,
+                        thread_ident=st.ident,
+                        seq=seq,
+                        wr_seq=wr,
+                        grace_periods_behind=(wr - seq) // 2,
+                        stalled_for=0.0 if since is None else now - since,
+                        stack="",
+                    )
+                )
+        return out
 
     def defer(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
         """Schedule fn(*args, **kwargs) like retire() schedules a release."""
         if not callable(fn):
             raise TypeError(f"defer() needs a callable, got {type(fn).__name__}")
-        return self.retire(Call(fn, args, kwargs) if args or kwargs else fn, call_no_arg)
+        # Size 0: what a callback frees is unknown (use retire(..., size=)
+        # when it matters for the byte budget).
+        return self.retire(Call(fn, args, kwargs) if args or kwargs else fn, call_no_arg, size=0)
 
     def _after_advance(self) -> None:
         """Every deferred_limit-th retirement: let the reclaimer know, or,
@@ -372,6 +596,17 @@ class Domain:
     def pending(self) -> int:
         """Scheduled releases not yet run."""
         return self._work.pending()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes the pending releases will free (the sizes given to retire())."""
+        return self._work.pending_bytes()
+
+    def stalled(self) -> list[StallReport]:
+        """The threads stalled now: attached, holding releases back, and
+        without a quiescent state for longer than stall_timeout (empty when
+        stall detection is off). New stalls are reported as by the checks."""
+        return self._stalls.current(self)
 
     def poll(self, goal: int | None = None) -> bool:
         """Recompute rd_seq and run every pending release whose goal <= rd_seq.
@@ -393,6 +628,10 @@ class Domain:
         batch, waiting = work.take_ready(rd, caller if alone else None, True)
         if batch is not None:
             self._run_batch(batch)
+        elif waiting:
+            stalls = self._stalls
+            stalls.maybe_check(self)
+            stalls.ensure_watchdog(self)
         if goal is None:
             # What was left when we took our batch (new retirements made
             # while it ran are not counted: they could not be ready yet).
@@ -418,6 +657,13 @@ class Domain:
             if min_seq > self._rd_seq:
                 self._rd_seq = min_seq
                 self._grace_periods += 1
+                starts = self._gp_starts
+                if starts and starts[0][0] <= min_seq:
+                    # The oldest advance now covered took the longest.
+                    took = time.monotonic() - starts[0][1]
+                    if took > self._longest_gp:
+                        self._longest_gp = took
+                    del starts[: bisect.bisect_right(starts, min_seq, key=lambda e: e[0])]
             rd = self._rd_seq
         return rd, alone
 
@@ -489,10 +735,13 @@ class Domain:
         # Every release scheduled before this line has goal <= wr_seq + 2.
         goal = self._wr_seq + 2
         caller: ThreadState | None = getattr(self._tls, "state", None)
+        first = True
         while work.has_pending_up_to(goal):
-            # One grace period from here reaches the goal (it advances past it).
-            if not self._wait_for_grace_period(deadline):
+            # First run what is ready already; after that, one grace period
+            # from here reaches the goal (it advances past it).
+            if not first and not self._wait_for_grace_period(deadline):
                 return False
+            first = False
             rd, alone = self._scan(caller, full=True)
             batch, _ = work.take_ready(rd, caller if alone else None)
             if batch is not None:
@@ -508,24 +757,43 @@ class Domain:
     def stats(self) -> DomainStats:
         work = self._work
         states = list(self._registry)
+        attached = sum(1 for s in states if s.seq)
         with self._lock:
-            pending = work.pending()
-            released = work.released
+            starts = self._gp_starts
+            current_gp = time.monotonic() - starts[0][1] if starts and starts[0][0] > self._rd_seq else 0.0
+            with work._lock:
+                pending = work._pending_locked()
+                pending_bytes = work._pending_bytes_locked()
+                released = work.released
+                released_bytes = work.released_bytes
+                errors = work.errors
+                polls, failed = work.polls, work.failed_polls
+                max_pending = max(work.max_pending, pending)
+                max_pending_bytes = max(work.max_pending_bytes, pending_bytes)
             return DomainStats(
                 wr_seq=self._wr_seq,
                 rd_seq=self._rd_seq,
                 advances=self._advances,
-                polls=work.polls,
-                failed_polls=work.failed_polls,
+                polls=polls,
+                failed_polls=failed,
                 scans=self._scans,
                 grace_periods=self._grace_periods,
                 retired=released + pending,
                 releases=released,
-                release_errors=work.errors,
+                release_errors=errors,
                 pending=pending,
-                max_pending=max(work.max_pending, pending),
+                max_pending=max_pending,
                 threads=len(states),
-                attached=sum(1 for s in states if s.seq),
+                attached=attached,
+                detached=len(states) - attached,
+                pending_bytes=pending_bytes,
+                max_pending_bytes=max_pending_bytes,
+                released_bytes=released_bytes,
+                longest_grace_period=max(self._longest_gp, current_gp),
+                current_grace_period=current_gp,
+                stalls=self._stalls.reported,
+                full_waits=self._full_waits,
+                limit_errors=self._limit_errors,
             )
 
     # -- lifetime ----------------------------------------------------------
@@ -542,6 +810,7 @@ class Domain:
         reclaimer, self._reclaimer = self._reclaimer, None
         if reclaimer is not None:
             reclaimer.stop()
+        self._stalls.stop()
         if not getattr(self._tls, "in_release", False):
             self._poll(None)
 
@@ -561,6 +830,7 @@ class Domain:
         self._registry.reset(me)
         self._scanner.reset()
         self._work.reset_after_fork(departed)
+        self._stalls.after_fork()
         if self._reclaimer is not None:
             # The reclaimer thread did not survive; start a fresh one.
             self._reclaimer = _Reclaimer(self)
@@ -596,6 +866,7 @@ class _Reclaimer:
             if domain.pending:
                 # A whole pass: this thread is on nobody's hot path.
                 domain._poll(None, full=True)
+                domain._stalls.maybe_check(domain)
             del domain  # do not keep the domain alive while sleeping
 
 

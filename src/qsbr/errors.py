@@ -6,7 +6,12 @@ never have to read the source to recover.
 
 from __future__ import annotations
 
-__all__ = ["NotRegisteredError"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .stall import StallReport
+
+__all__ = ["NotRegisteredError", "PendingLimitError"]
 
 
 class NotRegisteredError(RuntimeError):
@@ -16,3 +21,48 @@ class NotRegisteredError(RuntimeError):
     the calling thread's own state, so the thread must first call
     ``Domain.register()`` (or enter ``with domain.registered():``).
     """
+
+
+class PendingLimitError(RuntimeError):
+    """retire() would take the backlog past the domain's hard cap.
+
+    Raised only with ``Domain(on_full="raise")``. Nothing was queued: the
+    caller still owns the object and may retry, call ``synchronize()`` and
+    release it directly, or fix the thread(s) named in ``holders``, which are
+    attached and have not reported a quiescent state since the oldest pending
+    release was retired.
+    """
+
+    def __init__(
+        self,
+        *,
+        pending: int,
+        pending_bytes: int,
+        size: int,
+        max_pending: int | None,
+        max_pending_bytes: int | None,
+        holders: tuple[StallReport, ...],
+    ) -> None:
+        self.pending = pending
+        self.pending_bytes = pending_bytes
+        self.size = size
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.holders = holders
+        caps = []
+        if max_pending is not None:
+            caps.append(f"{pending} of max_pending={max_pending} releases")
+        if max_pending_bytes is not None:
+            caps.append(f"{pending_bytes:,} of max_pending_bytes={max_pending_bytes:,} bytes")
+        if holders:
+            who = ", ".join(
+                f"{h.thread_name!r} (ident {h.thread_ident}, {h.grace_periods_behind} grace periods behind)"
+                for h in holders
+            )
+            why = f"reclamation is held back by {who}: it must call quiescent() or detach()"
+        else:
+            why = "no thread is holding reclamation back now; retry, or poll() first"
+        super().__init__(
+            f"retiring {size:,} more bytes would exceed the cap ({'; '.join(caps)} pending); "
+            f"{why}. Nothing was queued: the object is still yours."
+        )

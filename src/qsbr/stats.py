@@ -33,9 +33,26 @@ class DomainStats:
     #: Scheduled releases not yet run, and the largest backlog seen at a poll.
     pending: int
     max_pending: int
-    #: Registered threads, and how many of them are attached.
+    #: Registered threads, and how many of them are attached / detached.
     threads: int
     attached: int
+    detached: int
+    #: Bytes the pending releases free (sizes given to retire()), the most
+    #: seen (at polls, and exactly at every retire() under a cap), and the
+    #: bytes freed by releases that have run.
+    pending_bytes: int
+    max_pending_bytes: int
+    released_bytes: int
+    #: Seconds: the longest grace period (from an advance of wr_seq until
+    #: rd_seq reached it), and the age of the one in progress (0 if none).
+    longest_grace_period: float
+    current_grace_period: float
+    #: Stalls reported (see Domain.stalled()).
+    stalls: int
+    #: retire() calls that waited on the hard cap (on_full="block"), and
+    #: those that raised PendingLimitError (on_full="raise").
+    full_waits: int
+    limit_errors: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -50,6 +50,9 @@ class ThreadState:
     __slots__ = (
         "seq",
         "deferrals",
+        "deferred_bytes",
+        "retired_bytes",
+        "stall_seq",
         "pending",
         "listed",
         "slot",
@@ -65,7 +68,15 @@ class ThreadState:
         self.seq = seq
         #: deferred_advance() calls since this thread last advanced wr_seq.
         self.deferrals = 0
-        #: This thread's pending releases, flat: [goal, fn, arg, goal, fn, arg, ...]
+        #: Bytes retired since this thread last advanced wr_seq (the byte
+        #: trigger), and bytes it ever retired (pending_bytes). Written only
+        #: by this thread while registered.
+        self.deferred_bytes = 0
+        self.retired_bytes = 0
+        #: The seq at which a stall of this thread was last reported (a stall
+        #: is reported once; quiescing ends it). Written by stall checkers.
+        self.stall_seq = 0
+        #: This thread's pending releases, flat: [goal, fn, arg, size, ...]
         #: (see deferred.py). Appended only by this thread.
         self.pending: list[Any] = []
         #: Whether DeferredWork lists this thread as one that retires; set on

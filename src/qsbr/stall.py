@@ -1,0 +1,201 @@
+"""Stall detection: naming the thread that holds reclamation back.
+
+QSBR's one weakness is a thread that stays attached and never reports a
+quiescent state: no release whose goal is past its ``seq`` can run, and the
+backlog grows without bound (CPython's gh-132519, crossbeam-epoch's #566).
+Like Linux's RCU stall warnings, a domain watches for it:
+
+* A thread *holds reclamation back* when it is attached (``seq != 0``) and
+  ``seq < min(oldest pending goal, wr_seq)``: some release waits for it, and
+  it has not quiesced since wr_seq moved past its ``seq``.
+* It has been *stalled for* the time since wr_seq first advanced past its
+  ``seq`` (the domain keeps the time of each advance not yet covered by
+  rd_seq): that long it has not reported a quiescent state.
+* Once that exceeds ``stall_timeout``, the stall is reported once: a
+  WARNING on the ``logging`` logger "qsbr" with the thread's name, ident,
+  how long, how many grace periods behind, and its current stack; then
+  ``on_stall(report)`` if given. A quiescent state (a new ``seq``) or a
+  detach ends the stall; the next one is reported again.
+
+Checks run from polls that find work waiting, from writers blocked on the
+hard cap, from the reclaimer, and from a small watchdog thread (started on
+a domain's first retirement when ``stall_timeout`` is set), at most every
+``min(1 s, stall_timeout / 4)``; each is one pass over the registered
+threads, so its cost is spread over that interval, never on quiescent().
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ._unraisable import report_unraisable
+
+if TYPE_CHECKING:
+    from .domain import Domain
+    from .thread_state import ThreadState
+
+__all__ = ["StallReport", "StallDetector", "logger"]
+
+logger = logging.getLogger("qsbr")
+
+
+@dataclass(frozen=True)
+class StallReport:
+    """One thread that holds reclamation back."""
+
+    thread_name: str
+    thread_ident: int
+    #: The thread's seq (wr_seq at its last quiescent state) and wr_seq now.
+    seq: int
+    wr_seq: int
+    #: Advances of wr_seq since its last quiescent state.
+    grace_periods_behind: int
+    #: Seconds since wr_seq first moved past its seq without it quiescing.
+    stalled_for: float
+    #: Its current Python stack (sys._current_frames), formatted; "" if gone.
+    stack: str
+
+    def message(self) -> str:
+        return (
+            f"qsbr: thread {self.thread_name!r} (ident {self.thread_ident}) has not reported a "
+            f"quiescent state for {self.stalled_for:.1f} s while releases wait on it; it is "
+            f"{self.grace_periods_behind} grace periods behind (seq {self.seq}, wr_seq {self.wr_seq}). "
+            "It must call quiescent() between uses of shared data, or detach() while it blocks. "
+            f"Its stack:\n{self.stack}"
+        )
+
+
+def _stack_of(ident: int) -> str:
+    frame = sys._current_frames().get(ident)
+    if frame is None:
+        return ""
+    return "".join(traceback.format_stack(frame))
+
+
+class StallDetector:
+    """The stall checks of one domain."""
+
+    def __init__(self, timeout: float | None, on_stall: Callable[[StallReport], object] | None) -> None:
+        self.timeout = timeout
+        self.on_stall = on_stall
+        self.interval = 1.0 if timeout is None else min(1.0, timeout / 4)
+        # One checker at a time: two would report one stall twice.
+        self._lock = threading.Lock()
+        self._next_check = 0.0
+        self.reported = 0
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- checks ---------------------------------------------------------
+
+    def maybe_check(self, domain: Domain) -> None:
+        """A check, unless one ran within the interval or is running."""
+        if self.timeout is None or time.monotonic() < self._next_check:
+            return
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._check_locked(domain, report=True)
+        finally:
+            self._lock.release()
+
+    def current(self, domain: Domain) -> list[StallReport]:
+        """Every thread stalled now (reported or not); reports new ones."""
+        if self.timeout is None:
+            return []
+        with self._lock:
+            return self._check_locked(domain, report=True)
+
+    def _check_locked(self, domain: Domain, report: bool) -> list[StallReport]:
+        timeout = self.timeout
+        assert timeout is not None
+        now = time.monotonic()
+        self._next_check = now + self.interval
+        oldest = domain._work.oldest_goal()
+        if not oldest:
+            return []
+        wr = domain._wr_seq
+        if oldest > wr:
+            # A goal nobody advanced to yet (deferred advance): poll would
+            # advance too; without it no thread could ever be seen lagging.
+            wr = domain.advance()
+        need = min(oldest, wr)
+        stalled: list[tuple[ThreadState, StallReport]] = []
+        for st in list(domain._registry):
+            seq = st.seq
+            if seq == 0 or seq >= need:  # detached, or not what releases wait on
+                continue
+            since = domain._advanced_past(seq)
+            if since is None or now - since < timeout:
+                continue
+            stalled.append(
+                (
+                    st,
+                    StallReport(
+                        thread_name=st.name,
+                        thread_ident=st.ident,
+                        seq=seq,
+                        wr_seq=wr,
+                        grace_periods_behind=(wr - seq) // 2,
+                        stalled_for=now - since,
+                        stack=_stack_of(st.ident),
+                    ),
+                )
+            )
+        if report:
+            for st, rep in stalled:
+                if st.stall_seq == rep.seq:  # this stall was reported already
+                    continue
+                st.stall_seq = rep.seq
+                self.reported += 1
+                logger.warning("%s", rep.message())
+                if self.on_stall is not None:
+                    try:
+                        self.on_stall(rep)
+                    except Exception as exc:
+                        report_unraisable(exc, self.on_stall, "Exception in qsbr on_stall callback")
+        return [rep for _, rep in stalled]
+
+    # -- the watchdog thread ---------------------------------------------
+
+    def ensure_watchdog(self, domain: Domain) -> None:
+        """Start the watchdog thread if stall detection is on and none runs."""
+        if self.timeout is None or self._watchdog is not None or self._stop.is_set():
+            return
+        with self._lock:
+            if self._watchdog is not None:
+                return
+            t = threading.Thread(
+                target=_watch, args=(weakref.ref(domain), self), name="qsbr-watchdog", daemon=True
+            )
+            self._watchdog = t
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        t = self._watchdog
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5.0)
+
+    def after_fork(self) -> None:
+        """In a forked child: the watchdog thread did not survive."""
+        self._lock = threading.Lock()
+        self._watchdog = None  # started again by the next retirement or failed poll
+
+
+def _watch(domain_ref: weakref.ReferenceType[Domain], detector: StallDetector) -> None:
+    """The watchdog: a check every interval while the domain lives."""
+    while not detector._stop.wait(detector.interval):
+        domain = domain_ref()
+        if domain is None:
+            return
+        detector.maybe_check(domain)
+        del domain  # do not keep the domain alive while sleeping
