@@ -55,27 +55,50 @@ _RELEASE_ERROR_MSG = "Exception ignored in a qsbr release of"
 #: many outstanding (rd_seq far behind), later ones are not timed.
 _GP_STARTS_KEPT = 4096
 
-#: type -> whether its instances carry their size as ``nbytes``.
-_HAS_NBYTES: dict[type, bool] = {}
+#: type -> how to size its instances: 0 sys.getsizeof, 1 .nbytes, 2 len() (mmap).
+_SIZE_KIND: dict[type, int] = {}
+
+
+def _size_kind(t: type) -> int:
+    if isinstance(getattr(t, "nbytes", None), (property, type(memoryview.nbytes))):
+        kind = 1
+    elif t.__name__ == "mmap" and t.__module__ == "mmap":
+        kind = 2
+    else:
+        kind = 0
+    _SIZE_KIND[t] = kind
+    return kind
+
+
+_getsizeof = sys.getsizeof
 
 
 def estimate_size(obj: Any) -> int:
     """retire()'s default size: ``obj.nbytes`` for buffers (memoryview,
     numpy/array-like objects), ``len()`` for mmaps, else sys.getsizeof."""
     t = type(obj)
-    has = _HAS_NBYTES.get(t)
-    if has is None:
-        has = _HAS_NBYTES[t] = isinstance(getattr(t, "nbytes", None), (property, type(memoryview.nbytes)))
-    if has:
+    kind = _SIZE_KIND.get(t)
+    if kind is None:
+        kind = _size_kind(t)
+    if not kind:
+        return sys.getsizeof(obj)
+    if kind == 1:
         n = obj.nbytes
         if isinstance(n, int):
             return n
-    if t.__name__ == "mmap" and t.__module__ == "mmap":
-        try:
-            return len(obj)
-        except ValueError:  # closed
-            return 0
-    return sys.getsizeof(obj)
+        return sys.getsizeof(obj)
+    try:
+        return len(obj)
+    except ValueError:  # a closed mmap
+        return 0
+
+
+def _checked_size(size: Any) -> int:
+    """retire()'s size= when it is not a plain int >= 0: accept int
+    subclasses (numpy integers are not: use int()), refuse the rest."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"size must be an int >= 0 (bytes the release frees), got {size!r}")
+    return int(size)
 
 
 def _check_count(name: str, value: object, minimum: int) -> None:
@@ -115,6 +138,7 @@ class Domain:
         "_longest_gp",
         "_full_waits",
         "_limit_errors",
+        "_capped",
         "__weakref__",
     )
 
@@ -201,6 +225,7 @@ class Domain:
         self._scanner: Scanner = SCAN_STRATEGIES[scan](self._registry)
         self._work = DeferredWork(max_pending, max_pending_bytes)
         self._deferred_bytes = deferred_bytes
+        self._capped = self._work.capped
         self._on_full = on_full
         self._stalls = StallDetector(None if stall_timeout is None else float(stall_timeout), on_stall)
         # (wr_seq value, time it was advanced to) for advances rd_seq has not
@@ -426,9 +451,10 @@ class Domain:
                 f"release must be callable, e.g. retire(obj, obj.close); got {type(release).__name__}"
             )
         if size is None:
-            size = estimate_size(obj)
-        elif isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"size must be an int >= 0 (bytes the release frees), got {size!r}")
+            # estimate_size(), with its common case inlined.
+            size = _getsizeof(obj) if _SIZE_KIND.get(type(obj)) == 0 else estimate_size(obj)
+        elif size.__class__ is not int or size < 0:  # the exact check first: it is the cheap one
+            size = _checked_size(size)
         # Every writer's hot path: deferred_advance() and the append, inlined.
         try:
             state: ThreadState = self._tls.state
@@ -441,7 +467,7 @@ class Domain:
                 "retire()/defer() need the calling thread to be registered: call "
                 "domain.register() first (or use `with domain.registered():`)"
             ) from None
-        if self._work.capped:
+        if self._capped:
             done = self._admit(state, obj, release, size)
             if done:  # too big for any backlog: released here, after a grace period
                 return done
@@ -449,12 +475,10 @@ class Domain:
             self._work.list_writer(state)
             self._stalls.ensure_watchdog(self)
         # Counted before the append, so pending_bytes is never negative.
-        state.retired_bytes += size
+        state.retired_bytes = total = state.retired_bytes + size
         n = state.deferrals + 1
-        nbytes = state.deferred_bytes + size
-        if n < self._deferred_limit and nbytes <= self._deferred_bytes:
+        if n < self._deferred_limit and total - state.bytes_at_advance <= self._deferred_bytes:
             state.deferrals = n
-            state.deferred_bytes = nbytes
             # goal = wr_seq + 2 without advancing: whoever advances next
             # publishes it, and poll() advances if nobody does. The read of
             # wr_seq comes after the caller unlinked obj (program order).
@@ -464,7 +488,7 @@ class Domain:
         # The deferred_limit-th retirement, or past the byte budget: advance
         # and process now (CPython 3.14's rule for deferred memory).
         state.deferrals = 0
-        state.deferred_bytes = 0
+        state.bytes_at_advance = total
         goal = self.advance()
         state.pending.extend((goal, release, obj, size))
         self._after_advance()

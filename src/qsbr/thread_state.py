@@ -50,7 +50,7 @@ class ThreadState:
     __slots__ = (
         "seq",
         "deferrals",
-        "deferred_bytes",
+        "bytes_at_advance",
         "retired_bytes",
         "stall_seq",
         "pending",
@@ -68,11 +68,12 @@ class ThreadState:
         self.seq = seq
         #: deferred_advance() calls since this thread last advanced wr_seq.
         self.deferrals = 0
-        #: Bytes retired since this thread last advanced wr_seq (the byte
-        #: trigger), and bytes it ever retired (pending_bytes). Written only
-        #: by this thread while registered.
-        self.deferred_bytes = 0
+        #: Bytes this thread ever retired (for pending_bytes), and that total
+        #: as of its last advance of wr_seq (the byte trigger fires when the
+        #: difference passes Domain.deferred_bytes). Written only by this
+        #: thread while registered.
         self.retired_bytes = 0
+        self.bytes_at_advance = 0
         #: The seq at which a stall of this thread was last reported (a stall
         #: is reported once; quiescing ends it). Written by stall checkers.
         self.stall_seq = 0
