@@ -1,0 +1,254 @@
+"""Systematic interleavings of the real Domain (see interleave.py).
+
+Readers load a shared resource, use it across switch points and quiesce; a
+writer swaps it, retires the old one and polls. A reader that uses a freed
+resource fails its thread; every resource must be freed at most once during
+the run and exactly once after it. The correct Domain survives random, PCT
+and exhaustive (bounded) exploration; a Domain subclass that takes the goal
+as the old wr_seq (the GOAL_OLD mutant of verify/qsbr.pml, in real code) is
+caught by each strategy, and its failure replays from the seed and from the
+recorded choices.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import qsbr
+from interleave import (
+    PCTStrategy,
+    RandomStrategy,
+    Replay,
+    SchedLock,
+    Scheduler,
+    exhaustive,
+    explore,
+    instrument,
+)
+
+HERE = [__file__]
+pytestmark = pytest.mark.timeout(300)
+
+
+class Resource:
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.frees = 0
+
+    def use(self) -> int:
+        assert self.frees == 0, f"resource v{self.version} used after it was freed"
+        return self.version
+
+    def free(self) -> None:
+        self.frees += 1
+        assert self.frees == 1, f"resource v{self.version} freed twice"
+
+
+class GoalTakenEarly(qsbr.Domain):
+    """Broken on purpose: tags a retirement with the wr_seq it read, not
+    wr_seq + 2. A reader that loaded the resource before the unlink and
+    has seq == that wr_seq then no longer holds the release back."""
+
+    def retire(self, obj: Any, release: Callable[[Any], Any], *, size: int | None = None) -> int:
+        state = self._tls.state
+        if not state.listed:
+            self._work.list_writer(state)
+        state.retired_bytes += 16
+        goal = self._wr_seq  # the bug: must be self._wr_seq + 2
+        state.pending.extend((goal, release, obj, 16))
+        return goal
+
+
+def make_scenario(
+    domain_class: type[qsbr.Domain], readers: int = 2, scan: str = "incremental", swaps: int = 2
+) -> Callable[[Scheduler], dict[str, Callable[[], Any]]]:
+    """Readers and one writer; checks run in the threads and after the run."""
+    made: list[tuple[qsbr.Domain, list[Resource]]] = []
+
+    def scenario(sched: Scheduler) -> dict[str, Callable[[], Any]]:
+        d = domain_class(scan=scan, stall_timeout=None)
+        instrument(d, sched)
+        shared = [Resource(0)]
+        every = [shared[0]]
+        made.append((d, every))
+
+        def reader() -> None:
+            d.register()
+            for _ in range(2):
+                r = shared[0]
+                r.use()
+                r.use()  # still valid: no quiescent state since the load
+                d.quiescent()
+            d.detach()
+            d.attach()
+            r = shared[0]
+            r.use()
+            d.unregister()
+
+        def writer() -> None:
+            d.register()
+            for k in range(1, swaps + 1):
+                new = Resource(k)
+                every.append(new)
+                old, shared[0] = shared[0], new
+                d.retire(old, Resource.free)
+                d.poll()
+                d.quiescent()
+                d.poll()
+            d.unregister()
+
+        threads: dict[str, Callable[[], Any]] = {f"reader-{i}": reader for i in range(readers)}
+        threads["writer"] = writer
+        return threads
+
+    scenario.made = made  # type: ignore[attr-defined]
+    return scenario
+
+
+def check_afterwards(scenario: Any) -> None:
+    """After the last run: nothing is left pending once nobody is attached,
+    and each retired resource was freed exactly once."""
+    d, every = scenario.made[-1]
+    d.poll()
+    assert d.pending == 0
+    assert [r.frees for r in every[:-1]] == [1] * (len(every) - 1)
+
+
+# -- the correct Domain survives ------------------------------------------------
+
+
+@pytest.mark.parametrize("scan", ["incremental", "flat"])
+def test_correct_domain_survives_random_schedules(scan: str) -> None:
+    scenario = make_scenario(qsbr.Domain, readers=2, scan=scan)
+    runs, failure = explore(scenario, (RandomStrategy(seed) for seed in range(300)), HERE)
+    assert failure is None, failure.describe()
+    assert runs == 300
+    check_afterwards(scenario)
+
+
+@pytest.mark.parametrize("scan", ["incremental", "flat"])
+def test_correct_domain_survives_pct_schedules(scan: str) -> None:
+    scenario = make_scenario(qsbr.Domain, readers=2, scan=scan)
+    strategies = (PCTStrategy(seed, depth=3, steps=800) for seed in range(300))
+    runs, failure = explore(scenario, strategies, HERE)
+    assert failure is None, failure.describe()
+    check_afterwards(scenario)
+
+
+def test_correct_domain_survives_every_schedule_with_one_preemption() -> None:
+    # About 470 schedules; two preemptions would be about 100,000.
+    scenario = make_scenario(qsbr.Domain, readers=1, swaps=1)
+    runs, failure = exhaustive(scenario, preemption_bound=1, files=HERE)
+    assert failure is None, failure.describe()
+    assert runs > 100  # it really explored
+    check_afterwards(scenario)
+
+
+# -- the broken Domain is caught, and replays --------------------------------
+
+
+def test_random_schedules_find_the_broken_goal_and_replay_it() -> None:
+    scenario = make_scenario(GoalTakenEarly, readers=2)
+    runs, failure = explore(scenario, (RandomStrategy(seed) for seed in range(500)), HERE)
+    assert failure is not None, f"{runs} random schedules missed the bug"
+    assert any("used after it was freed" in str(e) for e in failure.errors.values()), failure.describe()
+    seed = int(failure.strategy.split("=")[1].rstrip(")"))
+    # The seed alone reproduces the run: the same decisions, the same failure.
+    s1 = Scheduler(RandomStrategy(seed), HERE)
+    out1 = s1.run(scenario(s1))
+    assert out1.choices == failure.choices and out1.failed
+    # ... and so do the recorded choices.
+    s2 = Scheduler(Replay(failure.choices), HERE)
+    out2 = s2.run(scenario(s2))
+    assert out2.failed and out2.choices == failure.choices
+    first_line = {k: str(e).splitlines()[0] for k, e in failure.errors.items()}
+    assert {k: str(e).splitlines()[0] for k, e in out2.errors.items()} == first_line
+
+
+def test_pct_finds_the_broken_goal() -> None:
+    scenario = make_scenario(GoalTakenEarly, readers=2)
+    strategies = (PCTStrategy(seed, depth=3, steps=800) for seed in range(500))
+    runs, failure = explore(scenario, strategies, HERE)
+    assert failure is not None, f"{runs} PCT schedules missed the bug"
+    assert any("used after it was freed" in str(e) for e in failure.errors.values())
+
+
+def test_exhaustive_search_finds_the_broken_goal() -> None:
+    scenario = make_scenario(GoalTakenEarly, readers=1, swaps=1)
+    runs, failure = exhaustive(scenario, preemption_bound=1, files=HERE)
+    assert failure is not None
+    assert any("used after it was freed" in str(e) for e in failure.errors.values())
+    # The smallest failing schedules come first: replay the one it found.
+    s = Scheduler(Replay(failure.choices), HERE)
+    assert s.run(scenario(s)).failed
+
+
+def test_the_same_seed_gives_the_same_schedule() -> None:
+    scenario = make_scenario(qsbr.Domain, readers=2)
+    s1, s2 = Scheduler(RandomStrategy(7), HERE), Scheduler(RandomStrategy(7), HERE)
+    o1, o2 = s1.run(scenario(s1)), s2.run(scenario(s2))
+    assert o1.choices == o2.choices and len(o1.choices) > 20
+    s3 = Scheduler(RandomStrategy(8), HERE)
+    assert s3.run(scenario(s3)).choices != o1.choices
+
+
+# -- the scheduler itself ----------------------------------------------------------
+
+
+def test_scheduler_reports_a_deadlock() -> None:
+    """Two threads taking two locks in opposite orders: some schedule
+    deadlocks, and the scheduler says so instead of hanging."""
+
+    def scenario(sched: Scheduler) -> dict[str, Callable[[], Any]]:
+        a, b = SchedLock(sched), SchedLock(sched)
+
+        def one() -> None:
+            with a:
+                x = 1
+                with b:
+                    x += 1
+
+        def two() -> None:
+            with b:
+                y = 1
+                with a:
+                    y += 1
+
+        return {"one": one, "two": two}
+
+    runs, failure = exhaustive(scenario, preemption_bound=1, files=HERE)
+    assert failure is not None and failure.deadlock
+    assert threading.active_count() < 50  # aborted runs leave no threads behind
+
+
+def test_exhaustive_counts_schedules_of_a_tiny_program() -> None:
+    """Two threads of two lines each have C(4, 2) = 6 interleavings; with
+    one preemption allowed only some of them are reachable."""
+
+    def scenario(sched: Scheduler) -> dict[str, Callable[[], Any]]:
+        log: list[str] = []
+
+        def a() -> None:
+            log.append("a1")
+            log.append("a2")
+
+        def b() -> None:
+            log.append("b1")
+            log.append("b2")
+
+        runs_logs.append(log)
+        return {"a": a, "b": b}
+
+    runs_logs: list[list[str]] = []
+    runs, failure = exhaustive(scenario, preemption_bound=10, files=HERE)
+    assert failure is None
+    seen = {tuple(log) for log in runs_logs}
+    assert len(seen) == 6, sorted(seen)
+    runs_logs.clear()
+    exhaustive(scenario, preemption_bound=0, files=HERE)
+    assert {tuple(log) for log in runs_logs} == {("a1", "a2", "b1", "b2"), ("b1", "b2", "a1", "a2")}
+
