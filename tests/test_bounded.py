@@ -308,9 +308,7 @@ class StallLog:
             self.reports.append(report)
 
 
-def test_stall_is_reported_once_naming_the_thread(
-    make_worker: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_stall_is_reported_once_naming_the_thread(make_worker: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="qsbr")
     log = StallLog()
     d = qsbr.Domain(stall_timeout=0.2, on_stall=log)

@@ -251,4 +251,3 @@ def test_exhaustive_counts_schedules_of_a_tiny_program() -> None:
     runs_logs.clear()
     exhaustive(scenario, preemption_bound=0, files=HERE)
     assert {tuple(log) for log in runs_logs} == {("a1", "a2", "b1", "b2"), ("b1", "b2", "a1", "a2")}
-

@@ -9,17 +9,27 @@ docs/design.md for how this package maps onto it.
 
 from __future__ import annotations
 
+from .buffer_pool import BufferPool, ClassStats, PoolStats
+from .cell import Cell
 from .domain import Domain, default_domain, estimate_size
 from .errors import NotRegisteredError, PendingLimitError
+from .executor import ThreadPoolExecutor
+from .shared_array import SharedArray
 from .stall import StallReport
 from .stats import DomainStats
 
 __all__ = [
+    "BufferPool",
+    "Cell",
+    "ClassStats",
     "Domain",
     "DomainStats",
     "NotRegisteredError",
     "PendingLimitError",
+    "PoolStats",
+    "SharedArray",
     "StallReport",
+    "ThreadPoolExecutor",
     "default_domain",
     "estimate_size",
 ]

@@ -597,6 +597,22 @@ class Domain:
                 )
         return out
 
+    def _retire_any(self, obj: Any, release: Callable[[Any], Any], size: int | None = None) -> int:
+        """retire() for the structures (Cell, ...), whose writers need not be
+        registered. From an unregistered thread the release goes to the
+        domain-owned list (goal read under its lock, after the caller's
+        unlink), and the caller polls: nobody else may."""
+        if getattr(self._tls, "state", None) is not None or getattr(self._tls, "in_release", False):
+            return self.retire(obj, release, size=size)
+        if not callable(release):
+            raise TypeError(f"release must be callable, got {type(release).__name__}")
+        goal = self._work.push_orphan(
+            self._read_wr_seq, release, obj, estimate_size(obj) if size is None else size
+        )
+        self._stalls.ensure_watchdog(self)
+        self._poll(None)
+        return goal
+
     def defer(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
         """Schedule fn(*args, **kwargs) like retire() schedules a release."""
         if not callable(fn):

@@ -1,0 +1,334 @@
+"""BufferPool: zero-copy buffers that are reused only after a grace period.
+
+A pool hands out blocks of big preallocated pages as memoryviews, so data
+moves between threads without copies. The danger of any pool is reuse: a
+block recycled while a reader still holds a view of it is overwritten under
+that reader, silently (spdl#1636: 53 of 78 items corrupted). Here a
+released block waits, tagged with a QSBR goal, until every thread that might
+hold a view has passed a quiescent state; only then is it handed out again.
+
+This is the design's mimalloc rule, for Python buffers:
+* a page is carved into blocks of one size class;
+* a released block is tagged with goal = deferred_advance() and queued; it
+  is reused once goal_reached(goal) (acquire polls the domain when the
+  oldest waiting block is not ready yet);
+* a page whose blocks are all back may serve *another* size class only
+  after the goal of the last block released from it has been reached.
+
+Invariants (all under the pool's lock):
+* a block is in exactly one state: out (a view of it is live in
+  ``_out``), waiting (released, goal not yet checked), or free;
+* goals in a class's waiting queue never decrease (each is taken under the
+  lock, from wr_seq which only grows), so only the head needs checking;
+* ``page.out`` counts its blocks that are out or waiting with their goal not
+  known to be reached; a page is re-carved only when it is 0 and its
+  ``last_goal`` has been reached.
+
+Releases need no registered thread: deferred_advance() works from any
+thread, and the pool runs nothing in a release callback.
+
+Every view is made from the page's bytearray (``memoryview(page.buf)``), not
+by slicing one shared memoryview of the page: on free-threaded 3.13,
+slicing a memoryview that other threads also slice or drop loses updates
+of its export count and can leave views "released" under their users
+(CPython gh-155606). A fresh export per view keeps each view's bookkeeping
+to the threads that use that view.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .domain import Domain, default_domain
+
+__all__ = ["BufferPool", "PoolStats", "ClassStats"]
+
+POISON = 0xDB  # what debug=True writes over a block once it is safe
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    block_size: int
+    #: Blocks handed out, released but waiting for their grace period, and
+    #: free for reuse.
+    in_use: int
+    waiting: int
+    free: int
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    pages: int
+    page_size: int
+    #: Bytes of all pages, and the cap (None: no cap).
+    bytes: int
+    max_bytes: int | None
+    classes: tuple[ClassStats, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Page:
+    __slots__ = ("buf", "block_size", "nblocks", "carved", "out", "last_goal")
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)  # never resized: views of it stay valid
+        self.block_size = 0
+        self.nblocks = 0
+        self.carved = 0  # blocks made so far (pages are carved lazily)
+        self.out = 0
+        self.last_goal = 0
+
+
+class _Block:
+    __slots__ = ("page", "offset", "size", "goal")
+
+    def __init__(self, page: _Page, offset: int, size: int) -> None:
+        self.page = page
+        self.offset = offset
+        self.size = size
+        self.goal = 0
+
+
+class BufferPool:
+    """Pages carved into size classes; blocks reused after a grace period."""
+
+    def __init__(
+        self,
+        size_classes: Iterable[int] = (64, 256, 1024, 4096, 16384, 65536),
+        *,
+        page_size: int = 1 << 20,
+        max_bytes: int | None = None,
+        debug: bool = False,
+        domain: Domain | None = None,
+    ) -> None:
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+            raise ValueError(f"page_size must be an int > 0, got {page_size!r}")
+        try:
+            classes = sorted(set(size_classes))
+        except TypeError:
+            raise TypeError("size_classes must be an iterable of ints") from None
+        if not classes:
+            raise ValueError("size_classes must not be empty")
+        for c in classes:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 < c <= page_size:
+                raise ValueError(f"every size class must be an int in 1..page_size ({page_size}), got {c!r}")
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < page_size
+        ):
+            raise ValueError(
+                f"max_bytes must be None or an int >= page_size ({page_size}), got {max_bytes!r}"
+            )
+        if domain is not None and not isinstance(domain, Domain):
+            raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
+        self._classes = classes
+        self._page_size = page_size
+        self._max_bytes = max_bytes
+        self._debug = bool(debug)
+        self._domain = domain if domain is not None else default_domain()
+        self._lock = threading.Lock()
+        self._pages: list[_Page] = []
+        self._free: dict[int, list[_Block]] = {c: [] for c in classes}
+        self._waiting: dict[int, deque[_Block]] = {c: deque() for c in classes}
+        self._room: dict[int, list[_Page]] = {c: [] for c in classes}  # pages with uncarved blocks
+        self._in_use: dict[int, int] = dict.fromkeys(classes, 0)
+        #: id(view) -> (view, block) for every view handed out and not released.
+        self._out: dict[int, tuple[memoryview, _Block]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<qsbr.BufferPool classes={self._classes} pages={len(self._pages)}>"
+
+    @property
+    def domain(self) -> Domain:
+        return self._domain
+
+    @property
+    def size_classes(self) -> tuple[int, ...]:
+        return tuple(self._classes)
+
+    @property
+    def largest(self) -> int:
+        return self._classes[-1]
+
+    # -- acquire ---------------------------------------------------------
+
+    def acquire(self, nbytes: int) -> memoryview:
+        """A writable view of exactly ``nbytes``, from the smallest class
+        that fits. MemoryError when a new page would pass max_bytes."""
+        return self._acquire(nbytes)[0]
+
+    def _acquire(self, nbytes: int) -> tuple[memoryview, bytearray, int]:
+        """acquire(), also returning the page and the view's offset in it
+        (SharedArray makes its readers' views from them)."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"acquire() needs an int number of bytes, not {type(nbytes).__name__}")
+        if not 0 < nbytes <= self._classes[-1]:
+            raise ValueError(
+                f"acquire({nbytes}): sizes must be in 1..{self._classes[-1]} (the largest size class); "
+                "allocate bigger buffers directly or add a larger class"
+            )
+        size = self._classes[bisect_left(self._classes, nbytes)]
+        with self._lock:
+            self._check_open()
+            block: _Block | None = self._take(size)
+            if block is None:
+                # Released blocks (of any class: a page may change class)
+                # may be safe by now. One poll to the newest head goal
+                # covers every class's oldest block.
+                heads = [w[0].goal for w in self._waiting.values() if w]
+                goal = max(heads) if heads else 0
+        if block is None:
+            if goal and not self._domain.goal_reached(goal):
+                # Outside our lock: a poll runs other releases, which may
+                # use this pool.
+                self._domain.poll(goal)
+            with self._lock:
+                self._check_open()
+                block = self._take(size) or self._grow(size)
+        assert block is not None
+        page = block.page
+        view = memoryview(page.buf)[block.offset : block.offset + nbytes]  # a fresh export: see above
+        with self._lock:
+            self._out[id(view)] = (view, block)
+        return view, page.buf, block.offset
+
+    def _take(self, size: int) -> _Block | None:
+        free = self._free[size]
+        if not free:
+            self._collect(size)
+        block = free.pop() if free else self._carve(size)
+        if block is None:
+            return None
+        block.page.out += 1
+        self._in_use[size] += 1
+        return block
+
+    def _collect(self, size: int) -> None:
+        """Move waiting blocks whose goal is reached to the free list."""
+        waiting = self._waiting[size]
+        free = self._free[size]
+        reached = self._domain.goal_reached
+        while waiting and reached(waiting[0].goal):
+            block = waiting.popleft()
+            block.page.out -= 1
+            if self._debug:  # same-size slice assignment: allowed while exported
+                block.page.buf[block.offset : block.offset + block.size] = bytes([POISON]) * block.size
+            free.append(block)
+
+    def _carve(self, size: int) -> _Block | None:
+        room = self._room[size]
+        while room:
+            page = room[-1]
+            if page.carved < page.nblocks:
+                block = _Block(page, page.carved * size, size)
+                page.carved += 1
+                return block
+            room.pop()
+        return None
+
+    def _grow(self, size: int) -> _Block:
+        # A page all of whose blocks are back, and safe, may change class.
+        for cls in self._classes:
+            if cls != size:
+                self._collect(cls)
+        reached = self._domain.goal_reached
+        for page in self._pages:
+            if page.block_size != size and page.out == 0 and reached(page.last_goal):
+                self._recarve(page, size)
+                block = self._carve(size)
+                assert block is not None
+                block.page.out += 1
+                self._in_use[size] += 1
+                return block
+        total = (len(self._pages) + 1) * self._page_size
+        if self._max_bytes is not None and total > self._max_bytes:
+            raise MemoryError(
+                f"BufferPool: a new {self._page_size:,}-byte page would pass max_bytes={self._max_bytes:,} "
+                f"({len(self._out):,} views are out; released blocks wait for readers to quiesce)"
+            )
+        page = _Page(self._page_size)
+        self._pages.append(page)
+        self._recarve(page, size)
+        block = self._carve(size)
+        assert block is not None
+        page.out += 1
+        self._in_use[size] += 1
+        return block
+
+    def _recarve(self, page: _Page, size: int) -> None:
+        old = page.block_size
+        if old:
+            # Its blocks are all free (out == 0): forget them.
+            self._free[old] = [b for b in self._free[old] if b.page is not page]
+            self._room[old] = [p for p in self._room[old] if p is not page]
+        page.block_size = size
+        page.nblocks = self._page_size // size
+        page.carved = 0
+        self._room[size].append(page)
+
+    # -- release ---------------------------------------------------------
+
+    def release(self, view: memoryview) -> None:
+        """Give a view back. Its block is reused only after a grace period,
+        so readers that still hold the view (or slices of it) are safe until
+        their next quiescent state."""
+        with self._lock:
+            self._check_open()
+            entry = self._out.pop(id(view), None)
+            if entry is None or entry[0] is not view:
+                if entry is not None:
+                    self._out[id(view)] = entry
+                raise ValueError(
+                    "BufferPool.release(): this view is not out: it was released already, or it did not "
+                    "come from this pool's acquire() (pass the view acquire() returned, not a slice or copy)"
+                )
+            block = entry[1]
+            # Taken under the lock, so goals in each queue never decrease.
+            goal = self._domain.deferred_advance()
+            block.goal = goal
+            block.page.last_goal = goal
+            self._in_use[block.size] -= 1
+            self._waiting[block.size].append(block)
+
+    # -- observers and lifetime ------------------------------------------
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            return PoolStats(
+                pages=len(self._pages),
+                page_size=self._page_size,
+                bytes=len(self._pages) * self._page_size,
+                max_bytes=self._max_bytes,
+                classes=tuple(
+                    ClassStats(c, self._in_use[c], len(self._waiting[c]), len(self._free[c]))
+                    for c in self._classes
+                ),
+            )
+
+    def close(self) -> None:
+        """Drop the pool's pages. Views still out stay valid (they keep their
+        page alive); acquire() and release() raise from now on."""
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self._waiting.clear()
+            self._room.clear()
+            self._out.clear()
+            self._pages.clear()
+
+    def __enter__(self) -> BufferPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this BufferPool is closed")

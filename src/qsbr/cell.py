@@ -1,0 +1,142 @@
+"""Cell: one shared value that readers load without a lock.
+
+The simplest QSBR structure, and the one most programs need: the current
+model, config or routing table. Readers read ``cell.value`` (a plain slot
+load, as cheap as any attribute) and must not keep what they read across
+their next quiescent state. A writer publishes a new value with ``set()``;
+the old one is *retired*: its ``release`` (close(), unmap, return to a pool)
+runs once every thread that might still be using it has passed a quiescent
+state.
+
+Invariants:
+* Writers serialize on the cell's lock: the load of the old value and the
+  store of the new one are one step, so two set() calls never both retire
+  the same old value (that would release it twice).
+* The old value is retired after the store that unlinks it (program order),
+  and outside the lock, so a release may itself call set().
+* A value is never retired while it is still published: set(x) with the
+  value already in the cell retires nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from .domain import Domain, default_domain
+
+__all__ = ["Cell"]
+
+T = TypeVar("T")
+
+_MISSING: Any = object()
+
+
+class Cell(Generic[T]):
+    """A shared value: lock-free reads, writes that retire the old value.
+
+    ``Cell(value, release=None, *, domain=None)``: ``release(old)`` runs for
+    each replaced value once no reader can hold it (None: nothing to run,
+    the old value is left to refcounting).
+    """
+
+    __slots__ = ("value", "_release", "_domain", "_lock", "_closed", "__weakref__", "__orig_class__")
+
+    value: T
+    _release: Callable[[T], Any] | None
+    _domain: Domain
+    _lock: threading.Lock
+    _closed: bool
+
+    def __init__(
+        self, value: T, release: Callable[[T], Any] | None = None, *, domain: Domain | None = None
+    ) -> None:
+        if release is not None and not callable(release):
+            raise TypeError(
+                f"release must be callable (e.g. Cell(model, release=Model.close)) or None, "
+                f"not {type(release).__name__}"
+            )
+        if domain is not None and not isinstance(domain, Domain):
+            raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
+        _store = object.__setattr__
+        _store(self, "value", value)
+        _store(self, "_release", release)
+        _store(self, "_domain", domain if domain is not None else default_domain())
+        _store(self, "_lock", threading.Lock())
+        _store(self, "_closed", False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "__orig_class__":  # Cell[int](...) records its alias
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(
+            f"Cell.{name} cannot be assigned: use cell.set(new) (retires the old value), "
+            "cell.exchange(new) or cell.compare_and_set(expected, new)"
+        )
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<qsbr.Cell closed>"
+        return f"<qsbr.Cell {self.value!r}>"
+
+    @property
+    def domain(self) -> Domain:
+        return self._domain
+
+    def get(self) -> T:
+        """The current value; no lock. Do not keep it across a quiescent state."""
+        try:
+            return self.value
+        except AttributeError:
+            raise ValueError("this Cell is closed") from None
+
+    def set(self, new: T) -> None:
+        """Publish ``new``; the old value is retired with ``release``."""
+        old = self._swap(new)
+        release = self._release
+        if release is not None and old is not new:
+            self._domain._retire_any(old, release)
+
+    def exchange(self, new: T) -> T:
+        """Publish ``new`` and hand the old value back; nothing is retired.
+        The caller now owns the old value: readers may still be using it, so
+        retire it (domain.retire) rather than closing it at once."""
+        return self._swap(new)
+
+    def compare_and_set(self, expected: T, new: T) -> bool:
+        """If the value *is* ``expected`` (identity), publish ``new``, retire
+        the old value and return True; else change nothing and return False."""
+        with self._lock:
+            self._check_open()
+            old = self.value
+            if old is not expected:
+                return False
+            object.__setattr__(self, "value", new)
+        release = self._release
+        if release is not None and old is not new:
+            self._domain._retire_any(old, release)
+        return True
+
+    def close(self) -> None:
+        """Unpublish and retire the current value; later reads and writes
+        raise. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            old = self.value
+            object.__setattr__(self, "_closed", True)
+            object.__delattr__(self, "value")
+        if self._release is not None:
+            self._domain._retire_any(old, self._release)
+
+    def _swap(self, new: T) -> T:
+        with self._lock:  # writers serialize: see the module docstring
+            self._check_open()
+            old = self.value
+            object.__setattr__(self, "value", new)
+            return old
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this Cell is closed: create a new one")
