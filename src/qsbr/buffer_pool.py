@@ -9,8 +9,9 @@ hold a view has passed a quiescent state; only then is it handed out again.
 
 This is the design's mimalloc rule, for Python buffers:
 * a page is carved into blocks of one size class;
-* a released block is tagged with goal = deferred_advance() and queued; it
-  is reused once goal_reached(goal) (acquire polls the domain when the
+* a released block is tagged with goal = wr_seq + 2 (a deferred advance:
+  acquire's poll advances to it) and queued; it is reused once
+  goal_reached(goal) (acquire polls the domain when the
   oldest waiting block is not ready yet);
 * a page whose blocks are all back may serve *another* size class only
   after the goal of the last block released from it has been reached.
@@ -24,8 +25,8 @@ Invariants (all under the pool's lock):
   known to be reached; a page is re-carved only when it is 0 and its
   ``last_goal`` has been reached.
 
-Releases need no registered thread: deferred_advance() works from any
-thread, and the pool runs nothing in a release callback.
+Releases need no registered thread, and the pool runs nothing in a
+release callback.
 
 Every view is made from the page's bytearray (``memoryview(page.buf)``), not
 by slicing one shared memoryview of the page: on free-threaded 3.13,
@@ -49,6 +50,9 @@ from .domain import Domain, default_domain
 __all__ = ["BufferPool", "PoolStats", "ClassStats"]
 
 POISON = 0xDB  # what debug=True writes over a block once it is safe
+#: With this many blocks of a class waiting, acquire() polls the domain
+#: before carving fresh ones: reuse keeps the pool small and cache-warm.
+POLL_AFTER = 32
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,10 @@ class BufferPool:
         if domain is not None and not isinstance(domain, Domain):
             raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
         self._classes = classes
+        self._largest = classes[-1]
+        # nbytes -> size class, for the sizes up to 4 KiB (a list index is
+        # cheaper than a bisect on the hot path).
+        self._class_of = [0] + [classes[bisect_left(classes, n)] for n in range(1, min(classes[-1], 4096) + 1)]
         self._page_size = page_size
         self._max_bytes = max_bytes
         self._debug = bool(debug)
@@ -155,55 +163,66 @@ class BufferPool:
 
     @property
     def largest(self) -> int:
-        return self._classes[-1]
+        return self._largest
 
     # -- acquire ---------------------------------------------------------
 
     def acquire(self, nbytes: int) -> memoryview:
         """A writable view of exactly ``nbytes``, from the smallest class
         that fits. MemoryError when a new page would pass max_bytes."""
-        return self._acquire(nbytes)[0]
-
-    def _acquire(self, nbytes: int) -> tuple[memoryview, bytearray, int]:
-        """acquire(), also returning the page and the view's offset in it
-        (SharedArray makes its readers' views from them)."""
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-            raise TypeError(f"acquire() needs an int number of bytes, not {type(nbytes).__name__}")
-        if not 0 < nbytes <= self._classes[-1]:
-            raise ValueError(
-                f"acquire({nbytes}): sizes must be in 1..{self._classes[-1]} (the largest size class); "
-                "allocate bigger buffers directly or add a larger class"
-            )
-        size = self._classes[bisect_left(self._classes, nbytes)]
+        if nbytes.__class__ is not int or not 0 < nbytes <= self._largest:
+            self._refuse(nbytes)
+        size = self._class_of[nbytes] if nbytes < len(self._class_of) else self._size_class(nbytes)
+        with self._lock:
+            # The common case, in one lock section: a free block, or a fresh
+            # one carved while few blocks wait for their grace period.
+            if self._closed:
+                raise ValueError("this BufferPool is closed")
+            block: _Block | None = self._take(size, carve=len(self._waiting[size]) < POLL_AFTER)
+            if block is not None:
+                view = memoryview(block.page.buf)[block.offset : block.offset + nbytes]  # a fresh export
+                self._out[id(view)] = (view, block)
+                return view
+            # Released blocks (of any class: a page may change class) may be
+            # safe by now. One poll to the newest head goal covers every
+            # class's oldest block.
+            heads = [w[0].goal for w in self._waiting.values() if w]
+            goal = max(heads) if heads else 0
+        if goal and not self._domain.goal_reached(goal):
+            # Outside our lock: a poll runs other releases, which may use
+            # this pool.
+            self._domain.poll(goal)
         with self._lock:
             self._check_open()
-            block: _Block | None = self._take(size)
-            if block is None:
-                # Released blocks (of any class: a page may change class)
-                # may be safe by now. One poll to the newest head goal
-                # covers every class's oldest block.
-                heads = [w[0].goal for w in self._waiting.values() if w]
-                goal = max(heads) if heads else 0
-        if block is None:
-            if goal and not self._domain.goal_reached(goal):
-                # Outside our lock: a poll runs other releases, which may
-                # use this pool.
-                self._domain.poll(goal)
-            with self._lock:
-                self._check_open()
-                block = self._take(size) or self._grow(size)
-        assert block is not None
-        page = block.page
-        view = memoryview(page.buf)[block.offset : block.offset + nbytes]  # a fresh export: see above
-        with self._lock:
+            block = self._take(size, carve=True) or self._grow(size)
+            view = memoryview(block.page.buf)[block.offset : block.offset + nbytes]
             self._out[id(view)] = (view, block)
-        return view, page.buf, block.offset
+            return view
 
-    def _take(self, size: int) -> _Block | None:
+    def _refuse(self, nbytes: object) -> None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"acquire() needs an int number of bytes, not {type(nbytes).__name__}")
+        if not 0 < nbytes <= self._largest:
+            raise ValueError(
+                f"acquire({nbytes}): sizes must be in 1..{self._largest} (the largest size class); "
+                "allocate bigger buffers directly or add a larger class"
+            )
+
+    def _size_class(self, nbytes: int) -> int:
+        return self._classes[bisect_left(self._classes, nbytes)]
+
+    def _location(self, view: memoryview) -> tuple[bytearray, int]:
+        """The page and offset of a view that is out (for SharedArray,
+        which makes its readers' views from the page itself)."""
+        with self._lock:
+            block = self._out[id(view)][1]
+            return block.page.buf, block.offset
+
+    def _take(self, size: int, carve: bool) -> _Block | None:
         free = self._free[size]
         if not free:
             self._collect(size)
-        block = free.pop() if free else self._carve(size)
+        block = free.pop() if free else self._carve(size) if carve else None
         if block is None:
             return None
         block.page.out += 1
@@ -280,7 +299,8 @@ class BufferPool:
         so readers that still hold the view (or slices of it) are safe until
         their next quiescent state."""
         with self._lock:
-            self._check_open()
+            if self._closed:
+                raise ValueError("this BufferPool is closed")
             entry = self._out.pop(id(view), None)
             if entry is None or entry[0] is not view:
                 if entry is not None:
@@ -290,8 +310,11 @@ class BufferPool:
                     "come from this pool's acquire() (pass the view acquire() returned, not a slice or copy)"
                 )
             block = entry[1]
-            # Taken under the lock, so goals in each queue never decrease.
-            goal = self._domain.deferred_advance()
+            # The design's deferred advance: goal = wr_seq + 2, read after
+            # the caller let go of the view, without advancing; acquire()
+            # polls with this goal, and poll() advances to it. Read under
+            # the lock, so goals in each queue never decrease.
+            goal = self._domain._wr_seq + 2
             block.goal = goal
             block.page.last_goal = goal
             self._in_use[block.size] -= 1

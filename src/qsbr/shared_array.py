@@ -188,7 +188,8 @@ class SharedArray:
         nbytes = capacity * self._itemsize
         pool = self._pool
         if pool is not None and nbytes <= pool.largest:
-            raw, page, offset = pool._acquire(nbytes)
+            raw = pool.acquire(nbytes)
+            page, offset = pool._location(raw)
             return _Storage(_cast(raw, self._typecode), capacity, raw, page, offset)
         buf = bytearray(nbytes)
         return _Storage(_cast(memoryview(buf), self._typecode), capacity, None, buf, 0)

@@ -1,0 +1,567 @@
+"""qsbr's structures against every Python peer, side by side in one run.
+
+1. Read cost, one thread, ns per read: a plain attribute, Cell.value,
+   Cell.get(), a threading.Lock-protected read, readerwriterlock's RWLock,
+   ft_utils.AtomicReference.get(), cereggii.AtomicRef.get(). A peer that is
+   not installed is skipped, and the output says so.
+   Targets: Cell.value within 1.2x of the plain attribute, and at least 3x
+   faster than the Lock-protected read.
+2. Hot swap: reader threads serve requests (16 lookups in the current
+   resource) while a writer swaps the resource every millisecond; the old
+   one must be closed once its readers are done, and a reader that sees a
+   closed resource is counted as a violation. Reader throughput and
+   per-request p50/p99, per reader count, for: qsbr (Cell + quiescent()),
+   Lock, RWLock (requests under the lock; the writer closes at once), and
+   AtomicReference / AtomicRef with close() left to refcounting
+   (weakref.finalize). Targets: qsbr's throughput at least, and its p99 at
+   most, every peer's.
+3. retire() + release per object, amortized (as bench_core).
+4. BufferPool acquire + release against a fresh bytearray per buffer.
+
+Run:  qsbr bench peers   (make bench runs every benchmark; PYTHON=... for
+another interpreter). Writes results/peers-<build>.json and, with
+matplotlib, results/peers-<build>.png.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import qsbr  # noqa: E402
+from _common import QUICK, RESULTS, build_tag, interleaved, machine, write_json  # noqa: E402
+
+try:
+    from readerwriterlock import rwlock
+except ImportError:
+    rwlock = None
+try:
+    from ft_utils.concurrency import AtomicReference
+except ImportError:
+    AtomicReference = None
+try:
+    import cereggii
+except ImportError:
+    cereggii = None
+
+MISSING = {
+    "readerwriterlock": rwlock is None,
+    "ft_utils": AtomicReference is None,
+    "cereggii": cereggii is None,
+}
+
+
+class Holder:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+# -- 1. read cost ------------------------------------------------------------
+
+
+def read_costs(n: int, repeats: int) -> dict[str, dict[str, float]]:
+    payload = object()
+    plain = Holder(payload)
+    domain = qsbr.Domain(stall_timeout=None)
+    cell = qsbr.Cell(payload, domain=domain)
+    lock = threading.Lock()
+    cases: dict[str, Callable[[int], float]] = {}
+
+    def plain_attribute(n: int) -> float:
+        h = plain
+        t = time.perf_counter()
+        for _ in range(n):
+            h.value  # noqa: B018 - the read is what we time
+        return time.perf_counter() - t
+
+    def cell_value(n: int) -> float:
+        c = cell
+        t = time.perf_counter()
+        for _ in range(n):
+            c.value  # noqa: B018
+        return time.perf_counter() - t
+
+    def cell_get(n: int) -> float:
+        c = cell
+        t = time.perf_counter()
+        for _ in range(n):
+            c.get()
+        return time.perf_counter() - t
+
+    def lock_read(n: int) -> float:
+        h, lk = plain, lock
+        t = time.perf_counter()
+        for _ in range(n):
+            with lk:
+                h.value  # noqa: B018
+        return time.perf_counter() - t
+
+    cases.update(
+        {"plain_attribute": plain_attribute, "cell_value": cell_value, "cell_get": cell_get, "lock_read": lock_read}
+    )
+    if rwlock is not None:
+        rlock = rwlock.RWLockFair().gen_rlock()
+
+        def rwlock_read(n: int) -> float:
+            h, lk = plain, rlock
+            t = time.perf_counter()
+            for _ in range(n):
+                with lk:
+                    h.value  # noqa: B018
+            return time.perf_counter() - t
+
+        cases["rwlock_read"] = rwlock_read
+    if AtomicReference is not None:
+        aref = AtomicReference(payload)
+
+        def ft_utils_get(n: int) -> float:
+            r = aref
+            t = time.perf_counter()
+            for _ in range(n):
+                r.get()
+            return time.perf_counter() - t
+
+        cases["ft_utils_atomicreference_get"] = ft_utils_get
+    if cereggii is not None:
+        cref = cereggii.AtomicRef(payload)
+
+        def cereggii_get(n: int) -> float:
+            r = cref
+            t = time.perf_counter()
+            for _ in range(n):
+                r.get()
+            return time.perf_counter() - t
+
+        cases["cereggii_atomicref_get"] = cereggii_get
+
+    def loop(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            pass
+        return time.perf_counter() - t
+
+    cases["empty_loop"] = loop
+    return interleaved(cases, n, repeats)
+
+
+# -- 2. hot swap -----------------------------------------------------------------
+
+
+class Handle:
+    """What close() frees; a finalizer may hold it (not the resource)."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.open = False
+
+
+class Resource:
+    __slots__ = ("table", "handle", "__weakref__")
+
+    def __init__(self, version: int) -> None:
+        self.table = {k: k + version for k in range(64)}
+        self.handle = Handle()
+
+    def lookup(self, k: int) -> int:
+        if not self.handle.open:
+            raise RuntimeError("used after close()")
+        return self.table[k]
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+LOOKUPS = 16  # per request
+
+
+class Scheme:
+    """How readers get the resource and how the writer swaps it."""
+
+    name = ""
+
+    def reader_setup(self) -> None: ...
+
+    def reader_teardown(self) -> None: ...
+
+    def request(self) -> int:
+        raise NotImplementedError
+
+    def swap(self, new: Resource) -> None:
+        raise NotImplementedError
+
+    def writer_setup(self) -> None: ...
+
+    def writer_teardown(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def _serve(r: Resource) -> int:
+    s = 0
+    for k in range(LOOKUPS):
+        s += r.lookup(k)
+    return s
+
+
+class QsbrScheme(Scheme):
+    name = "qsbr"
+
+    def __init__(self) -> None:
+        self.domain = qsbr.Domain(stall_timeout=None)
+        self.cell = qsbr.Cell(Resource(0), Resource.close, domain=self.domain)
+
+    def reader_setup(self) -> None:
+        self.domain.register()
+
+    def reader_teardown(self) -> None:
+        self.domain.unregister()
+
+    def request(self) -> int:
+        s = _serve(self.cell.value)
+        self.domain.quiescent()  # between requests: holds nothing
+        return s
+
+    def writer_setup(self) -> None:
+        self.domain.register()
+
+    def swap(self, new: Resource) -> None:
+        self.cell.set(new)
+        self.domain.quiescent()
+
+    def writer_teardown(self) -> None:
+        self.domain.unregister()
+
+    def finish(self) -> None:
+        self.domain.barrier(timeout=30)
+        self.domain.close()
+
+
+class LockScheme(Scheme):
+    name = "lock"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current = Resource(0)
+
+    def request(self) -> int:
+        with self.lock:
+            return _serve(self.current)
+
+    def swap(self, new: Resource) -> None:
+        with self.lock:
+            old, self.current = self.current, new
+        old.close()  # no reader can hold it: they read under the lock
+
+
+class RWLockScheme(Scheme):
+    name = "rwlock"
+
+    def __init__(self) -> None:
+        lk = rwlock.RWLockFair()
+        self.lock = lk
+        self.wlock = lk.gen_wlock()
+        self.local = threading.local()
+        self.current = Resource(0)
+
+    def request(self) -> int:
+        rl = getattr(self.local, "r", None)
+        if rl is None:
+            rl = self.local.r = self.lock.gen_rlock()
+        with rl:
+            return _serve(self.current)
+
+    def swap(self, new: Resource) -> None:
+        with self.wlock:
+            old, self.current = self.current, new
+        old.close()
+
+
+class RefcountScheme(Scheme):
+    """An atomic reference; close() runs when the last reference drops."""
+
+    def __init__(self, name: str, ref: Any) -> None:
+        self.name = name
+        first = Resource(0)
+        weakref.finalize(first, first.handle.close)
+        self.ref = ref(first)
+
+    def request(self) -> int:
+        return _serve(self.ref.get())
+
+    def swap(self, new: Resource) -> None:
+        weakref.finalize(new, new.handle.close)
+        self.ref.set(new)
+
+
+def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]:
+    stop = threading.Event()
+    counts = [0] * readers
+    lat: list[list[int]] = [[] for _ in range(readers)]
+    violations: list[str] = []
+    swaps = [0]
+    start_gate = threading.Barrier(readers + 1)
+
+    def reader(k: int) -> None:
+        scheme.reader_setup()
+        start_gate.wait()
+        n = 0
+        mine = lat[k]
+        clock = time.perf_counter_ns
+        try:
+            while not stop.is_set():
+                if n & 7 == 0:  # time one request in 8
+                    t0 = clock()
+                    scheme.request()
+                    mine.append(clock() - t0)
+                else:
+                    scheme.request()
+                n += 1
+        except RuntimeError as exc:
+            violations.append(str(exc))
+        counts[k] = n
+        scheme.reader_teardown()
+
+    def writer() -> None:
+        scheme.writer_setup()
+        v = 0
+        start_gate.wait()
+        while not stop.is_set():
+            v += 1
+            scheme.swap(Resource(v))
+            swaps[0] += 1
+            time.sleep(0.001)
+        scheme.writer_teardown()
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    elapsed = time.perf_counter() - t0
+    scheme.finish()
+    all_lat = sorted(x for per in lat for x in per)
+
+    def pct(p: float) -> float:
+        return float(all_lat[min(len(all_lat) - 1, int(p * len(all_lat)))]) if all_lat else 0.0
+
+    return {
+        "readers": readers,
+        "requests_per_s": sum(counts) / elapsed,
+        "p50_ns": pct(0.50),
+        "p99_ns": pct(0.99),
+        "swaps": swaps[0],
+        "violations": len(violations),
+    }
+
+
+def hot_swap(reader_counts: list[int], seconds: float, rounds: int) -> dict[str, list[dict[str, Any]]]:
+    makers: dict[str, Callable[[], Scheme]] = {"qsbr": QsbrScheme, "lock": LockScheme}
+    if rwlock is not None:
+        makers["rwlock"] = RWLockScheme
+    if AtomicReference is not None:
+        makers["ft_utils_atomicreference"] = lambda: RefcountScheme("ft_utils_atomicreference", AtomicReference)
+    if cereggii is not None:
+        makers["cereggii_atomicref"] = lambda: RefcountScheme("cereggii_atomicref", cereggii.AtomicRef)
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in makers}
+    for readers in reader_counts:
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in makers}
+        for _ in range(rounds):  # interleaved: noise hits every scheme alike
+            for name, make in makers.items():
+                runs[name].append(run_hot_swap(make(), readers, seconds))
+        for name, rs in runs.items():
+            out[name].append(
+                {
+                    "readers": readers,
+                    "requests_per_s": statistics.median(r["requests_per_s"] for r in rs),
+                    "p50_ns": statistics.median(r["p50_ns"] for r in rs),
+                    "p99_ns": statistics.median(r["p99_ns"] for r in rs),
+                    "swaps": sum(r["swaps"] for r in rs),
+                    "violations": sum(r["violations"] for r in rs),
+                    "rounds": len(rs),
+                }
+            )
+    return out
+
+
+# -- 3 and 4: retire, BufferPool -----------------------------------------------------
+
+
+def retire_and_pool(n: int, repeats: int) -> dict[str, dict[str, float]]:
+    d = qsbr.Domain(stall_timeout=None)
+    d.register()
+    objs = [object() for _ in range(n)]
+
+    def noop(o: object) -> None:
+        pass
+
+    def append_and_call(n: int) -> float:
+        lst: list[object] = []
+        t = time.perf_counter()
+        for o in objs[:n]:
+            lst.append(o)
+            noop(o)
+        return time.perf_counter() - t
+
+    def retire_and_release(n: int) -> float:
+        t = time.perf_counter()
+        retire = d.retire
+        for o in objs[:n]:
+            retire(o, noop)
+        d.barrier()
+        return time.perf_counter() - t
+
+    pool = qsbr.BufferPool(domain=d)
+    cases: dict[str, Callable[[int], float]] = {
+        "append_and_call": append_and_call,
+        "retire_and_release": retire_and_release,
+    }
+    for size in (64, 4096, 65536):
+
+        def pooled(n: int, size: int = size) -> float:
+            acquire, release, quiescent = pool.acquire, pool.release, d.quiescent
+            t = time.perf_counter()
+            for i in range(n):
+                v = acquire(size)
+                v[0] = 1
+                release(v)
+                if i & 63 == 63:
+                    quiescent()
+            return time.perf_counter() - t
+
+        def fresh(n: int, size: int = size) -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                b = bytearray(size)
+                b[0] = 1
+            return time.perf_counter() - t
+
+        cases[f"pool_{size}"] = pooled
+        cases[f"bytearray_{size}"] = fresh
+    res = interleaved(cases, n, repeats)
+    d.unregister()
+    return res
+
+
+def plot(payload: dict[str, Any]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    reads = payload["read_cost"]
+    names = [k for k in reads if k != "empty_loop"]
+    axes[0].barh(names, [reads[k]["median_ns"] for k in names])
+    axes[0].set_xlabel("ns per read (median)")
+    axes[0].set_title("read cost, one thread")
+    for name, rows in payload["hot_swap"].items():
+        xs = [r["readers"] for r in rows]
+        axes[1].plot(xs, [r["requests_per_s"] for r in rows], marker="o", label=name)
+        axes[2].plot(xs, [r["p99_ns"] / 1000 for r in rows], marker="o", label=name)
+    axes[1].set_title("hot swap: reader throughput")
+    axes[1].set_xlabel("reader threads")
+    axes[1].set_ylabel("requests/s")
+    axes[2].set_title("hot swap: reader p99")
+    axes[2].set_xlabel("reader threads")
+    axes[2].set_ylabel("µs per request (16 lookups)")
+    axes[2].set_yscale("log")
+    axes[1].legend(fontsize=8)
+    m = payload["machine"]
+    fig.suptitle(f"qsbr vs peers: Python {m['python']} ({m['build']}), {m['cpus']} cpus")
+    fig.tight_layout()
+    path = RESULTS / f"peers-{build_tag()}.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main() -> None:
+    m = machine()
+    print(f"python {m['python']} ({m['build']}), {m['cpus']} cpus, {m['platform']}")
+    for peer, missing in MISSING.items():
+        if missing:
+            print(f"  skipped: {peer} is not installed for this interpreter")
+    n = 200_000 if QUICK else 1_000_000
+    repeats = 3 if QUICK else 7
+    reads = read_costs(n, repeats)
+    for name, r in reads.items():
+        print(f"  read  {name:32} median {r['median_ns']:7.1f} ns")
+    plain = reads["plain_attribute"]["median_ns"]
+    cell = reads["cell_value"]["median_ns"]
+    lock = reads["lock_read"]["median_ns"]
+    print(f"  Cell.value / plain attribute       {cell / plain:5.2f}x   (target <= 1.2x)")
+    print(f"  Lock read / Cell.value             {lock / cell:5.2f}x   (target >= 3x)")
+
+    counts = [1, 2, 4]
+    swap = hot_swap(counts, 0.3 if QUICK else 1.0, 1 if QUICK else 3)
+    for name, rows in swap.items():
+        for r in rows:
+            print(
+                f"  swap  {name:26} readers {r['readers']}  {r['requests_per_s']:>11,.0f} req/s  "
+                f"p50 {r['p50_ns'] / 1000:8.1f} µs  p99 {r['p99_ns'] / 1000:9.1f} µs  "
+                f"violations {r['violations']}"
+            )
+    met_tp, met_p99 = [], []
+    for i, readers in enumerate(counts):
+        q = swap["qsbr"][i]
+        others = [rows[i] for name, rows in swap.items() if name != "qsbr"]
+        met_tp.append(all(q["requests_per_s"] >= o["requests_per_s"] for o in others))
+        met_p99.append(all(q["p99_ns"] <= o["p99_ns"] for o in others))
+        print(
+            f"  readers {readers}: qsbr throughput >= every peer: {met_tp[-1]}; "
+            f"qsbr p99 <= every peer: {met_p99[-1]}"
+        )
+
+    costs = retire_and_pool(20_000 if QUICK else 100_000, repeats)
+    for name, r in costs.items():
+        print(f"  cost  {name:32} median {r['median_ns']:7.1f} ns")
+    ratio_retire = costs["retire_and_release"]["median_ns"] / costs["append_and_call"]["median_ns"]
+    print(f"  retire+release / append+call       {ratio_retire:5.2f}x")
+    for size in (64, 4096, 65536):
+        r = costs[f"pool_{size}"]["median_ns"] / costs[f"bytearray_{size}"]["median_ns"]
+        print(f"  BufferPool {size:>6} B / bytearray     {r:5.2f}x")
+    payload: dict[str, Any] = {
+        "machine": m,
+        "skipped_peers": [p for p, missing in MISSING.items() if missing],
+        "read_cost": reads,
+        "hot_swap": swap,
+        "costs": costs,
+        "ratios": {
+            "cell_value_vs_plain_attribute": cell / plain,
+            "lock_read_vs_cell_value": lock / cell,
+            "retire_release_vs_append_call": ratio_retire,
+        },
+        "targets_met": {
+            "cell_value_within_1.2x_plain": cell / plain <= 1.2,
+            "cell_value_3x_faster_than_lock": lock / cell >= 3,
+            "hot_swap_throughput_at_least_every_peer": dict(zip(map(str, counts), met_tp, strict=True)),
+            "hot_swap_p99_at_most_every_peer": dict(zip(map(str, counts), met_p99, strict=True)),
+        },
+    }
+    path = write_json("peers", payload)
+    print(f"  wrote {path}")
+    png = plot(payload)
+    print(f"  wrote {png}" if png else "  (no plot: matplotlib is not installed: pip install 'qsbr[plot]')")
+
+
+if __name__ == "__main__":
+    main()
