@@ -135,7 +135,9 @@ class BufferPool:
         self._largest = classes[-1]
         # nbytes -> size class, for the sizes up to 4 KiB (a list index is
         # cheaper than a bisect on the hot path).
-        self._class_of = [0] + [classes[bisect_left(classes, n)] for n in range(1, min(classes[-1], 4096) + 1)]
+        self._class_of = [0] + [
+            classes[bisect_left(classes, n)] for n in range(1, min(classes[-1], 4096) + 1)
+        ]
         self._page_size = page_size
         self._max_bytes = max_bytes
         self._debug = bool(debug)
