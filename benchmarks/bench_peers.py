@@ -21,7 +21,8 @@
 
 Run:  qsbr bench peers   (make bench runs every benchmark; PYTHON=... for
 another interpreter). Writes results/peers-<build>.json and, with
-matplotlib, results/peers-<build>.png.
+matplotlib, results/peers-<build>.png; `python benchmarks/bench_peers.py
+--plot results/peers-<build>.json` draws one from another build's JSON.
 """
 
 from __future__ import annotations
@@ -476,7 +477,7 @@ def retire_and_pool(n: int, repeats: int) -> dict[str, dict[str, float]]:
     return res
 
 
-def plot(payload: dict[str, Any]) -> Path | None:
+def plot(payload: dict[str, Any], tag: str | None = None) -> Path | None:
     try:
         import matplotlib
 
@@ -505,7 +506,7 @@ def plot(payload: dict[str, Any]) -> Path | None:
     m = payload["machine"]
     fig.suptitle(f"qsbr vs peers: Python {m['python']} ({m['build']}), {m['cpus']} cpus")
     fig.tight_layout()
-    path = RESULTS / f"peers-{build_tag()}.png"
+    path = RESULTS / f"peers-{tag or build_tag()}.png"
     fig.savefig(path, dpi=100)
     return path
 
@@ -580,4 +581,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":
+        # Plot a result written by another interpreter (matplotlib may not
+        # install on the free-threaded build): --plot results/peers-TAG.json
+        import json
+
+        src = Path(sys.argv[2])
+        print(plot(json.loads(src.read_text()), src.stem.removeprefix("peers-")))
+    else:
+        main()
