@@ -229,7 +229,7 @@ class Domain:
         self._on_full = on_full
         self._stalls = StallDetector(None if stall_timeout is None else float(stall_timeout), on_stall)
         # (wr_seq value, time it was advanced to) for advances rd_seq has not
-        # reached yet, oldest first; bounded (see _record_advance).
+        # reached yet, oldest first; bounded by _GP_STARTS_KEPT (see advance()).
         self._gp_starts: list[tuple[int, float]] = []
         self._longest_gp = 0.0
         self._full_waits = 0
