@@ -55,6 +55,12 @@ class Table:
             raise ClosedError(f"table v{self.version} used after close()")
         return data[key]
 
+    def nbytes(self) -> int:
+        """What close() frees: the table and the payload (retire(size=))."""
+        data = self._data
+        n = sys.getsizeof(data) + 28 * len(data) if data is not None else 0
+        return n + (len(self.payload) if self.payload is not None else 0)
+
     def close(self) -> None:
         self.close_count += 1
         self._data = None
@@ -109,6 +115,9 @@ class Tick:
 
 
 def _mib(n: int) -> str:
+    """Bytes for people: KiB below 1 MiB, else MiB."""
+    if n < MiB:
+        return f"{n / 1024:,.0f} KiB"
     return f"{n / MiB:,.1f} MiB"
 
 
@@ -274,7 +283,7 @@ def run_demo(
                 old, current[0] = current[0], new  # unlink the old version
                 # Under the cap this may wait (counted as quiescent) until
                 # the backlog has room again.
-                domain.retire(old, Table.close, size=payload or None)
+                domain.retire(old, Table.close, size=old.nbytes())
                 swaps += 1
                 domain.quiescent()
                 with domain.detached():
@@ -334,7 +343,7 @@ def run_demo(
     # Retire the last version too, and wait for every release.
     with domain.registered():
         last, current[0] = current[0], Table(-1)
-        domain.retire(last, Table.close, size=payload or None)
+        domain.retire(last, Table.close, size=last.nbytes())
     domain.barrier(timeout=30)
     s = domain.stats()
     domain.close()
