@@ -326,6 +326,7 @@ def test_stall_is_reported_once_naming_the_thread(make_worker: Any, caplog: pyte
         assert len(log.reports) == 1
         rep = log.reports[0]
         assert (rep.thread_name, rep.thread_ident) == ("stuck-reader", stuck_ident)
+        assert (rep.name, rep.ident) == (rep.thread_name, rep.thread_ident)
         assert rep.stalled_for >= 0.2
         assert rep.grace_periods_behind >= 1
         assert "_run" in rep.stack  # the worker's loop, where it sits

@@ -63,6 +63,16 @@ class StallReport:
     #: Its current Python stack (sys._current_frames), formatted; "" if gone.
     stack: str
 
+    @property
+    def name(self) -> str:
+        """The thread's name (the same as thread_name)."""
+        return self.thread_name
+
+    @property
+    def ident(self) -> int:
+        """The thread's ident (the same as thread_ident)."""
+        return self.thread_ident
+
     def message(self) -> str:
         return (
             f"qsbr: thread {self.thread_name!r} (ident {self.thread_ident}) has not reported a "
