@@ -245,9 +245,26 @@ class _Thread:
 class Scheduler:
     """Runs one scenario under one strategy, one thread at a time."""
 
-    def __init__(self, strategy: Strategy, files: Iterable[str] = (), opcodes: bool = False) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        files: Iterable[str] = (),
+        opcodes: bool = False,
+        qsbr_modules: Iterable[str] | None = None,
+    ) -> None:
+        """``files``: the scenario's own source files (their lines are
+        switch points too). ``qsbr_modules``: which of qsbr's modules give
+        switch points, by file name (e.g. ``("scan.py",)``); None = all.
+        Fewer points make deep bugs in the chosen module likelier to be hit."""
         self.strategy = strategy
-        self.files = QSBR_FILES | {str(Path(f).resolve()) for f in files}
+        chosen = QSBR_FILES
+        if qsbr_modules is not None:
+            names = set(qsbr_modules)
+            chosen = frozenset(f for f in QSBR_FILES if Path(f).name in names)
+            unknown = names - {Path(f).name for f in chosen}
+            if unknown:
+                raise ValueError(f"no qsbr module named {sorted(unknown)}")
+        self.files = chosen | {str(Path(f).resolve()) for f in files}
         self.opcodes = opcodes
         self._threads: list[_Thread] = []
         self._by_ident: dict[int, _Thread] = {}
@@ -389,15 +406,20 @@ threads to run; it may call instrument(domain, sched) and must raise
 
 
 def explore(
-    scenario: Scenario, strategies: Iterable[Strategy], files: Iterable[str] = (), opcodes: bool = False
+    scenario: Scenario,
+    strategies: Iterable[Strategy],
+    files: Iterable[str] = (),
+    opcodes: bool = False,
+    qsbr_modules: Iterable[str] | None = None,
 ) -> tuple[int, Outcome | None]:
     """Run the scenario under each strategy; stop at the first failure.
 
     Returns (runs made, the failing outcome or None)."""
     files = list(files)
+    modules = None if qsbr_modules is None else list(qsbr_modules)
     runs = 0
     for strategy in strategies:
-        sched = Scheduler(strategy, files, opcodes)
+        sched = Scheduler(strategy, files, opcodes, modules)
         out = sched.run(scenario(sched))
         runs += 1
         if out.failed:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import qsbr
+from conftest import Worker
 from interleave import (
     PCTStrategy,
     RandomStrategy,
@@ -29,6 +30,7 @@ from interleave import (
     explore,
     instrument,
 )
+from qsbr.scan import IncrementalScan
 
 HERE = [__file__]
 pytestmark = pytest.mark.timeout(300)
@@ -194,6 +196,115 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     assert o1.choices == o2.choices and len(o1.choices) > 20
     s3 = Scheduler(RandomStrategy(8), HERE)
     assert s3.run(scenario(s3)).choices != o1.choices
+
+
+# -- a real bug this project had: a pass not capped at its wr_seq -------------
+
+
+_HUGE = 1 << 62
+
+
+class UncappedScan(IncrementalScan):
+    """Broken on purpose: a pass's minimum starts at "infinity" instead of
+    the wr_seq read when the pass began (MUTANT_NO_CAP of verify/qsbr.pml).
+    A thread that registers with an old wr_seq into a slot the pass has
+    already passed is then overlooked (CHANGELOG: "Fixed")."""
+
+    def scan(self, wr_seq: int, caller: Any, full: bool = False) -> tuple[int | None, bool]:
+        if not self._lock.acquire(blocking=False):
+            return None, False
+        try:
+            if not self._in_pass:
+                self._in_pass = True
+                self._cursor = 0
+                self._lowest = _HUGE  # the bug: must be wr_seq
+            slots = self.registry.slots
+            start = self._cursor
+            end = len(slots) if full else min(len(slots), start + self.step)
+            lowest = self._lowest
+            for i in range(start, end):
+                st = slots[i]
+                if st is not None and st.seq and st.seq < lowest:
+                    lowest = st.seq
+            if end < len(slots):
+                self._cursor, self._lowest = end, lowest
+                return None, False
+            self._in_pass = False
+            return (wr_seq if lowest == _HUGE else lowest), False
+        finally:
+            self._lock.release()
+
+
+def late_reader_scenario(
+    scan_class: type[IncrementalScan],
+) -> Callable[[Scheduler], dict[str, Callable[[], Any]]]:
+    """An unregistered poller scans one slot per poll; a writer swaps and
+    retires; a reader registers late, into a free slot at a lower index than
+    the writer's, and holds the old resource through a long read."""
+
+    def scenario(sched: Scheduler) -> dict[str, Callable[[], Any]]:
+        d = qsbr.Domain(stall_timeout=None, deferred_limit=1)  # retire() advances at once
+        # Free slots 0 and 1, handed out 1 first: the writer gets 1, the
+        # late reader 0 (the slot a pass scans first).
+        h0, h1 = Worker("h0"), Worker("h1")
+        h0.call(d.register)
+        h1.call(d.register)
+        h0.call(d.unregister)
+        h1.call(d.unregister)
+        h0.stop()
+        h1.stop()
+        d._scanner = scan_class(d._registry, step=1)
+        instrument(d, sched)
+        shared = [Resource(0)]
+
+        def poller() -> None:
+            for _ in range(4):
+                d.poll()
+
+        def late_reader() -> None:
+            d.register()
+            r = shared[0]
+            for _ in range(20):
+                r.use()  # a long read-side section
+            d.quiescent()
+            d.unregister()
+
+        def writer() -> None:
+            d.register()
+            old, shared[0] = shared[0], Resource(1)
+            d.retire(old, Resource.free)
+            for _ in range(20):
+                d.quiescent()  # a busy thread that quiesces often
+            d.unregister()
+
+        return {"poller": poller, "late": late_reader, "writer": writer}
+
+    return scenario
+
+
+def _pct(n: int) -> Any:
+    return (PCTStrategy(seed, depth=5, steps=100) for seed in range(n))
+
+
+def test_pct_finds_the_uncapped_scan_and_the_real_scan_survives() -> None:
+    # Switch points only in scan.py and the scenario: the bug needs five
+    # well-placed switches, and fewer points make them likelier.
+    buggy = late_reader_scenario(UncappedScan)
+    runs, failure = explore(buggy, _pct(500), HERE, qsbr_modules=("scan.py",))
+    assert failure is not None, f"{runs} PCT schedules missed the uncapped scan"
+    assert "used after it was freed" in str(failure.errors.get("late")), failure.describe()
+    s = Scheduler(Replay(failure.choices), HERE, qsbr_modules=("scan.py",))
+    assert s.run(buggy(s)).failed  # and it replays
+    real = late_reader_scenario(IncrementalScan)
+    runs, failure = explore(real, _pct(500), HERE, qsbr_modules=("scan.py",))
+    assert failure is None, failure.describe()
+    runs, failure = explore(real, (RandomStrategy(seed) for seed in range(300)), HERE)
+    assert failure is None, failure.describe()
+
+
+def test_unknown_module_is_refused() -> None:
+    with pytest.raises(ValueError, match="no qsbr module"):
+        Scheduler(RandomStrategy(0), qsbr_modules=("nope.py",))
 
 
 # -- the scheduler itself ----------------------------------------------------------
