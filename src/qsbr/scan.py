@@ -203,8 +203,10 @@ class IncrementalScan:
             lowest = self._lowest
             lowest_state = self._lowest_state
             attached = self._attached
-            for i in range(start, end):
-                st = slots[i]
+            # One C-level copy of the step's slots, then a loop over a list
+            # this thread owns: on free-threaded 3.13, indexing the shared
+            # list item by item costs an atomic reference per item.
+            for st in slots[start:end]:
                 if st is not None:
                     seq = st.seq
                     if seq:
