@@ -81,3 +81,38 @@ def test_child_of_unregistered_thread(domain: qsbr.Domain, worker: Worker) -> No
 
     _in_child(check)
     worker.call(domain.unregister)
+
+
+def test_structures_work_in_a_child_forked_while_another_thread_holds_their_locks() -> None:
+    d = qsbr.Domain(stall_timeout=None)
+    cell = qsbr.Cell(1, domain=d)
+    pool = qsbr.BufferPool(domain=d)
+    array = qsbr.SharedArray("q", pool=pool)
+    held = threading.Event()
+    done = threading.Event()
+
+    def hold() -> None:
+        with cell._lock, pool._lock, array._lock:
+            held.set()
+            done.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(10)
+
+    def check() -> None:
+        import signal
+
+        signal.alarm(20)  # a lock still held would hang the child: fail it instead
+        cell.set(2)
+        assert cell.value == 2
+        view = pool.acquire(100)
+        pool.release(view)
+        array.append(7)
+        assert array[-1] == 7
+
+    try:
+        _in_child(check)
+    finally:
+        done.set()
+        t.join(10)

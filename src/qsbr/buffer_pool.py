@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import _fork
 from .domain import Domain, default_domain
 
 __all__ = ["BufferPool", "PoolStats", "ClassStats"]
@@ -151,6 +152,10 @@ class BufferPool:
         #: id(view) -> (view, block) for every view handed out and not released.
         self._out: dict[int, tuple[memoryview, _Block]] = {}
         self._closed = False
+        _fork.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<qsbr.BufferPool classes={self._classes} pages={len(self._pages)}>"
@@ -297,9 +302,10 @@ class BufferPool:
     # -- release ---------------------------------------------------------
 
     def release(self, view: memoryview) -> None:
-        """Give a view back. Its block is reused only after a grace period,
-        so readers that still hold the view (or slices of it) are safe until
-        their next quiescent state."""
+        """Give a view back, once no thread can newly get hold of it (it is
+        out of every queue and structure: the unlink of retire()). Its block
+        is reused only after a grace period, so readers that still hold the
+        view (or slices of it) are safe until their next quiescent state."""
         with self._lock:
             if self._closed:
                 raise ValueError("this BufferPool is closed")

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from . import _fork
 from .domain import Domain, default_domain
 
 __all__ = ["Cell"]
@@ -65,6 +66,10 @@ class Cell(Generic[T]):
         _store(self, "_domain", domain if domain is not None else default_domain())
         _store(self, "_lock", threading.Lock())
         _store(self, "_closed", False)
+        _fork.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        object.__setattr__(self, "_lock", threading.Lock())
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "__orig_class__":  # Cell[int](...) records its alias

@@ -37,6 +37,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, cast, overload
 
+from . import _fork
 from .buffer_pool import BufferPool
 from .domain import Domain
 
@@ -89,6 +90,10 @@ class SharedArray:
         self._lock = threading.Lock()
         self._closed = False
         self._store = self._allocate(INITIAL_CAPACITY)
+        _fork.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     @property
     def typecode(self) -> str:
