@@ -1,7 +1,7 @@
 """Core costs, measured side by side in one run (docs/benchmarks.md).
 
 1. The readers' only cost: Domain.quiescent() against an empty method call.
-   Target: at most 2x.
+   Target: at most 2x. Also ThreadHandle.quiescent(), the per-thread form.
 2. retire() plus its eventual release, amortized per object, against
    appending to a list and calling the release directly. Target: at most 5x.
 
@@ -57,9 +57,27 @@ def main() -> None:
             pass
         return time.perf_counter() - t
 
+    handle = d.handle()
+
+    def handle_quiescent(n: int) -> float:
+        h = handle
+        t = time.perf_counter()
+        for _ in range(n):
+            h.quiescent()
+        return time.perf_counter() - t
+
     n = 200_000 if QUICK else 2_000_000
     repeats = 3 if QUICK else 9
-    reader = interleaved({"loop": empty_loop, "empty_call": empty_call, "quiescent": quiescent}, n, repeats)
+    reader = interleaved(
+        {
+            "loop": empty_loop,
+            "empty_call": empty_call,
+            "quiescent": quiescent,
+            "handle_quiescent": handle_quiescent,
+        },
+        n,
+        repeats,
+    )
 
     objs = [object() for _ in range(100_000)]
 
@@ -105,6 +123,7 @@ def main() -> None:
     # Ratios from the medians of the interleaved samples; loop overhead is
     # included on both sides of each ratio, as a caller's loop would be.
     q_ratio = reader["quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
+    h_ratio = reader["handle_quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
     r_ratio = writer["retire_and_release"]["median_ns"] / writer["append_and_release"]["median_ns"]
     rb_ratio = writer["retire_background_reclaimer"]["median_ns"] / writer["append_and_release"]["median_ns"]
     results = {
@@ -112,6 +131,7 @@ def main() -> None:
         "writer": writer,
         "ratios": {
             "quiescent_vs_empty_call": q_ratio,
+            "handle_quiescent_vs_empty_call": h_ratio,
             "retire_release_vs_append_call": r_ratio,
             "retire_background_vs_append_call": rb_ratio,
         },
@@ -125,6 +145,7 @@ def main() -> None:
         for name, r in group.items():
             print(f"  {name:<30} median {r['median_ns']:8.1f} ns/op   min {r['min_ns']:8.1f}")
     print(f"  quiescent / empty method call      {q_ratio:5.2f}x   (target <= 2x)")
+    print(f"  ThreadHandle.quiescent / empty     {h_ratio:5.2f}x")
     print(f"  retire+release / append+call       {r_ratio:5.2f}x   (target <= 5x)")
     print(f"  same, background reclaimer         {rb_ratio:5.2f}x")
     print(f"  wrote {path}")

@@ -200,11 +200,13 @@ class Scheme:
 
     name = ""
 
-    def reader_setup(self) -> None: ...
+    def reader_setup(self) -> Any:
+        """Per reader thread; returns what request() gets as ``ctx``."""
+        return None
 
     def reader_teardown(self) -> None: ...
 
-    def request(self, n: int) -> int:
+    def request(self, n: int, ctx: Any = None) -> int:
         """Serve the reader's n-th request."""
         raise NotImplementedError
 
@@ -226,24 +228,31 @@ def _serve(r: Resource) -> int:
 
 
 class QsbrScheme(Scheme):
-    """Readers report a quiescent state after every ``every``-th request."""
+    """Readers report a quiescent state after every ``every``-th request,
+    through domain.quiescent() or (``handle``) their ThreadHandle."""
 
-    def __init__(self, every: int = 1) -> None:
+    def __init__(self, every: int = 1, handle: bool = False) -> None:
         self.name = "qsbr" if every == 1 else f"qsbr_quiescent_every_{every}"
+        if handle:
+            self.name += "_handle"
         self.every = every
+        self.use_handle = handle
         self.domain = qsbr.Domain(stall_timeout=None)
         self.cell = qsbr.Cell(Resource(0), Resource.close, domain=self.domain)
 
-    def reader_setup(self) -> None:
-        self.domain.register()
+    def reader_setup(self) -> Any:
+        return self.domain.register()  # this reader's ThreadHandle
 
     def reader_teardown(self) -> None:
         self.domain.unregister()
 
-    def request(self, n: int) -> int:
+    def request(self, n: int, ctx: Any = None) -> int:
         s = _serve(self.cell.value)
         if n % self.every == 0:
-            self.domain.quiescent()  # between requests: holds nothing
+            if self.use_handle:
+                ctx.quiescent()  # the reader's own handle
+            else:
+                self.domain.quiescent()  # between requests: holds nothing
         return s
 
     def writer_setup(self) -> None:
@@ -268,7 +277,7 @@ class LockScheme(Scheme):
         self.lock = threading.Lock()
         self.current = Resource(0)
 
-    def request(self, n: int) -> int:
+    def request(self, n: int, ctx: Any = None) -> int:
         with self.lock:
             return _serve(self.current)
 
@@ -288,7 +297,7 @@ class RWLockScheme(Scheme):
         self.local = threading.local()
         self.current = Resource(0)
 
-    def request(self, n: int) -> int:
+    def request(self, n: int, ctx: Any = None) -> int:
         rl = getattr(self.local, "r", None)
         if rl is None:
             rl = self.local.r = self.lock.gen_rlock()
@@ -310,7 +319,7 @@ class RefcountScheme(Scheme):
         weakref.finalize(first, first.handle.close)
         self.ref = ref(first)
 
-    def request(self, n: int) -> int:
+    def request(self, n: int, ctx: Any = None) -> int:
         return _serve(self.ref.get())
 
     def swap(self, new: Resource) -> None:
@@ -327,7 +336,7 @@ def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]
     start_gate = threading.Barrier(readers + 1)
 
     def reader(k: int) -> None:
-        scheme.reader_setup()
+        ctx = scheme.reader_setup()
         start_gate.wait()
         n = 0
         mine = lat[k]
@@ -336,10 +345,10 @@ def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]
             while not stop.is_set():
                 if n & 7 == 0:  # time one request in 8
                     t0 = clock()
-                    scheme.request(n)
+                    scheme.request(n, ctx)
                     mine.append(clock() - t0)
                 else:
-                    scheme.request(n)
+                    scheme.request(n, ctx)
                 n += 1
         except RuntimeError as exc:
             violations.append(str(exc))
@@ -386,6 +395,7 @@ def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]
 def hot_swap(reader_counts: list[int], seconds: float, rounds: int) -> dict[str, list[dict[str, Any]]]:
     makers: dict[str, Callable[[], Scheme]] = {
         "qsbr": QsbrScheme,
+        "qsbr_handle": lambda: QsbrScheme(handle=True),
         "qsbr_quiescent_every_16": lambda: QsbrScheme(16),
         "lock": LockScheme,
     }

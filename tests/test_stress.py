@@ -72,6 +72,8 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
     def reader(k: int) -> None:
         n = 0
         with domain.registered():
+            # Half the readers report through their ThreadHandle.
+            quiescent = domain.handle().quiescent if k % 2 else domain.quiescent
             while not stop.is_set():
                 r = box.current  # lock-free load
                 for _ in range(HOLD):  # use it for a while
@@ -80,7 +82,7 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
                         return
                 n += 1
                 if n % 16 == 0:
-                    domain.quiescent()
+                    quiescent()
                 if n % 4096 == 0:
                     with domain.detached():
                         pass

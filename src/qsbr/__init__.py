@@ -17,6 +17,7 @@ from .executor import ThreadPoolExecutor
 from .shared_array import SharedArray
 from .stall import StallReport
 from .stats import DomainStats
+from .thread_state import ThreadHandle
 
 __all__ = [
     "BufferPool",
@@ -29,6 +30,7 @@ __all__ = [
     "PoolStats",
     "SharedArray",
     "StallReport",
+    "ThreadHandle",
     "ThreadPoolExecutor",
     "default_domain",
     "estimate_size",

@@ -45,7 +45,7 @@ from .errors import NotRegisteredError, PendingLimitError
 from .scan import SCAN_STRATEGIES, Registry, Scanner
 from .stall import StallDetector, StallReport
 from .stats import DomainStats
-from .thread_state import ExitSentinel, ThreadState
+from .thread_state import UNREGISTERED, ExitSentinel, ThreadHandle, ThreadState
 
 __all__ = ["Domain", "default_domain"]
 
@@ -325,8 +325,11 @@ class Domain:
 
     # -- registration ----------------------------------------------------
 
-    def register(self) -> None:
-        """The calling thread joins the domain, attached, with seq = wr_seq."""
+    def register(self) -> ThreadHandle:
+        """The calling thread joins the domain, attached, with seq = wr_seq.
+
+        Returns the thread's ThreadHandle, whose quiescent() is the cheap
+        form of domain.quiescent() for hot loops (it belongs to this thread)."""
         tls = self._tls
         if getattr(tls, "state", None) is not None:
             raise RuntimeError(
@@ -337,10 +340,18 @@ class Domain:
         # a scanner never sees this thread without it. (An old wr_seq read
         # here is harmless: scans are capped at the wr_seq they began with.)
         state = ThreadState(threading.get_ident(), threading.current_thread().name, self._wr_seq)
+        state.handle = handle = ThreadHandle(self, state)
         self._registry.add(state)
         tls.state = state
         tls.q = state
         tls.sentinel = ExitSentinel(self, state)
+        return handle
+
+    def handle(self) -> ThreadHandle:
+        """The calling thread's ThreadHandle (the one register() returned)."""
+        handle = self._state_or_raise("handle").handle
+        assert handle is not None
+        return handle
 
     def unregister(self) -> None:
         """The calling thread leaves. What it retired stays queued, owned by
@@ -356,6 +367,8 @@ class Domain:
         # Publish "detached" first: a scanner holding an older registry
         # snapshot then leaves this thread out instead of waiting on it.
         state.seq = 0
+        if state.handle is not None:
+            state.handle.q = UNREGISTERED  # its quiescent() now raises
         self._registry.remove(state)
         # The domain takes the thread's backlog over, goals and all: it is
         # neither lost nor released before its goal is reached.
@@ -417,12 +430,16 @@ class Domain:
         # order), so a scanner that sees 0 may ignore this thread.
         state.seq = 0
         self._tls.q = state.sink
+        if state.handle is not None:
+            state.handle.q = state.sink
 
     def attach(self) -> None:
         """Rejoin after detach(): seq = wr_seq, before any shared read."""
         state = self._state_or_raise("attach")
         state.seq = self._wr_seq
         self._tls.q = state
+        if state.handle is not None:
+            state.handle.q = state
 
     @contextlib.contextmanager
     def detached(self) -> Iterator[None]:

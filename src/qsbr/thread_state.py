@@ -15,6 +15,8 @@ thread cannot silently re-attach it and costs no extra branch on the hot path.
 
 Invariant (kept by Domain.register/attach/detach/unregister):
     tls.q is tls.state  <=>  tls.state.seq != 0  (the thread is attached)
+and the same for the thread's ThreadHandle: handle.q is tls.q while the
+thread is registered, and UNREGISTERED after.
 
 A thread that exits while registered must not hold reclamation back forever
 (CPython's gh-130794). The local also holds an ``ExitSentinel``; when the
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .domain import Domain
 
-__all__ = ["ThreadState", "Sink", "ExitSentinel"]
+__all__ = ["ThreadState", "Sink", "ExitSentinel", "ThreadHandle"]
 
 
 class Sink:
@@ -44,11 +46,70 @@ class Sink:
         self.seq = 0
 
 
+class _Unregistered:
+    """Where a handle points once its thread has left the domain."""
+
+    __slots__ = ()
+
+    @property
+    def seq(self) -> int:
+        return 0
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        from .errors import NotRegisteredError
+
+        raise NotRegisteredError(
+            "this ThreadHandle's thread is no longer registered: register() again and use the "
+            "handle it returns (or domain.quiescent())"
+        )
+
+
+UNREGISTERED = _Unregistered()
+
+
+class ThreadHandle:
+    """The calling thread's own handle on a domain, for hot read loops.
+
+    ``handle.quiescent()`` is ``domain.quiescent()`` without finding the
+    thread's state through the domain's threading.local: one load of
+    wr_seq, one store into this thread's state. It costs about half as
+    much, and on free-threaded Python it reads one shared object fewer
+    (reads of shared objects are what contend there).
+
+    A handle belongs to the thread that registered: never pass it to
+    another thread (its store would be that thread's quiescent state, a
+    lie). Like tls.q, ``q`` is the ThreadState while the thread is attached
+    and its private Sink while it is detached (so quiescent() on a detached
+    thread does nothing), and UNREGISTERED once it has left (quiescent()
+    then raises NotRegisteredError).
+    """
+
+    __slots__ = ("q", "_domain", "__weakref__")
+
+    def __init__(self, domain: Domain, state: ThreadState) -> None:
+        self.q: ThreadState | Sink | _Unregistered = state
+        self._domain = domain
+
+    @property
+    def domain(self) -> Domain:
+        return self._domain
+
+    def quiescent(self) -> None:
+        """Report a quiescent state for this thread. Takes no lock."""
+        # The same single store as Domain.quiescent(), ordered the same way.
+        self.q.seq = self._domain._wr_seq
+
+    def __repr__(self) -> str:
+        return f"<qsbr.ThreadHandle q={self.q!r}>"
+
+
 class ThreadState:
     """One registered thread's view of the domain."""
 
     __slots__ = (
         "seq",
+        "handle",
         "deferrals",
         "bytes_at_advance",
         "retired_bytes",
@@ -91,6 +152,8 @@ class ThreadState:
         #: of threads that did not survive are recognised by a stale pid.
         self.pid = os.getpid()
         self.sink = Sink()
+        #: The ThreadHandle register() returned (set by Domain.register).
+        self.handle: ThreadHandle | None = None
 
     def __repr__(self) -> str:
         return f"<ThreadState {self.name!r} ident={self.ident} seq={self.seq}>"
