@@ -271,7 +271,14 @@ class Scheduler:
         self._current: _Thread | None = None
         self._finished = threading.Event()
         self._aborting = False
+        self._after: list[Callable[[], Any]] = []
         self.outcome = Outcome(repr(strategy))
+
+    def after_run(self, check: Callable[[], Any]) -> None:
+        """Run ``check`` once every thread has finished (unscheduled, in the
+        caller's thread); an exception from it fails the run. For invariants
+        no single thread can see, e.g. that nothing was released twice."""
+        self._after.append(check)
 
     # -- used by the threads -------------------------------------------------
 
@@ -396,6 +403,12 @@ class Scheduler:
         for t in self._threads:
             assert t.thread is not None
             t.thread.join(RUN_TIMEOUT)
+        if not self._aborting:
+            for check in self._after:
+                try:
+                    check()
+                except Exception as exc:  # noqa: BLE001 - reported in the outcome
+                    self.outcome.errors.setdefault("after_run", exc)
         return self.outcome
 
 
@@ -428,15 +441,20 @@ def explore(
 
 
 def exhaustive(
-    scenario: Scenario, preemption_bound: int, files: Iterable[str] = (), limit: int = 100_000
+    scenario: Scenario,
+    preemption_bound: int,
+    files: Iterable[str] = (),
+    limit: int = 100_000,
+    qsbr_modules: Iterable[str] | None = None,
 ) -> tuple[int, Outcome | None]:
     """Every schedule with at most ``preemption_bound`` preemptions (stateless
     DFS over the recorded decisions); stops at the first failure."""
     files = list(files)
+    modules = None if qsbr_modules is None else list(qsbr_modules)
     prefix: list[int] = []
     runs = 0
     while runs < limit:
-        sched = Scheduler(Replay(prefix), files)
+        sched = Scheduler(Replay(prefix), files, qsbr_modules=modules)
         out = sched.run(scenario(sched))
         runs += 1
         if out.failed:

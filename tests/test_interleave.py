@@ -307,6 +307,75 @@ def test_unknown_module_is_refused() -> None:
         Scheduler(RandomStrategy(0), qsbr_modules=("nope.py",))
 
 
+# -- a structure: Cell's writers ------------------------------------------------
+
+
+class UnlockedCell(qsbr.Cell[Any]):
+    """Broken on purpose: set() swaps without the writers' lock, so two
+    writers can both take the same old value and both retire it."""
+
+    def _swap(self, new: Any) -> Any:
+        old = self.value
+        object.__setattr__(self, "value", new)
+        return old
+
+
+def two_writers_scenario(
+    cell_class: type[qsbr.Cell[Any]],
+) -> Callable[[Scheduler], dict[str, Callable[[], Any]]]:
+    def scenario(sched: Scheduler) -> dict[str, Callable[[], Any]]:
+        d = qsbr.Domain(stall_timeout=None)
+        instrument(d, sched)
+        made = [Resource(0)]
+        frees: dict[int, int] = {}
+
+        def count(r: Resource) -> None:  # counts; raising here would only be reported
+            frees[r.version] = frees.get(r.version, 0) + 1
+
+        cell = cell_class(made[0], count, domain=d)
+        object.__setattr__(cell, "_lock", SchedLock(sched))
+
+        def writer(k: int) -> Callable[[], None]:
+            def run() -> None:
+                for i in range(2):
+                    r = Resource(10 * k + i)
+                    made.append(r)
+                    cell.set(r)
+
+            return run
+
+        def check() -> None:
+            d.poll()  # nobody is attached any more: everything retired runs
+            twice = sorted(v for v, n in frees.items() if n > 1)
+            assert not twice, f"released twice: {twice}"
+            current = cell.value
+            assert sorted(frees) == sorted(r.version for r in made if r is not current), "a value was lost"
+
+        sched.after_run(check)
+        return {"w1": writer(1), "w2": writer(2)}
+
+    return scenario
+
+
+def test_scheduler_finds_an_unlocked_cell_and_the_real_cell_survives() -> None:
+    modules = ("cell.py",)
+    runs, failure = explore(
+        two_writers_scenario(UnlockedCell),
+        (RandomStrategy(s) for s in range(500)),
+        HERE,
+        qsbr_modules=modules,
+    )
+    assert failure is not None, f"{runs} schedules missed the unlocked cell"
+    assert "released twice" in str(failure.errors.get("after_run")), failure.describe()
+    runs, failure = explore(
+        two_writers_scenario(qsbr.Cell), (RandomStrategy(s) for s in range(300)), HERE, qsbr_modules=modules
+    )
+    assert failure is None, failure.describe()
+    runs, failure = exhaustive(two_writers_scenario(qsbr.Cell), 2, HERE, qsbr_modules=modules)
+    assert failure is None, failure.describe()
+    assert runs > 50
+
+
 # -- the scheduler itself ----------------------------------------------------------
 
 
