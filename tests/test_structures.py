@@ -71,6 +71,19 @@ def test_cell_exchange_and_compare_and_set(dom: qsbr.Domain) -> None:
     assert (a.closes, b.closes, c.closes) == (0, 1, 0)
 
 
+def test_cell_tells_the_domain_what_a_release_frees(dom: qsbr.Domain, worker: Worker) -> None:
+    worker.call(dom.register)  # holds releases back
+    cell = qsbr.Cell(Resource(1), Resource.close, domain=dom, size=lambda r: 1000 * r.k)
+    cell.set(Resource(2))
+    cell.set(Resource(3))
+    assert dom.pending_bytes == 1000 + 2000
+    worker.call(dom.unregister)
+    assert dom.barrier(timeout=STEP_TIMEOUT)
+    assert dom.pending_bytes == 0
+    with pytest.raises(TypeError, match="size must be callable"):
+        qsbr.Cell(1, size=5)  # type: ignore[arg-type]
+
+
 def test_cell_misuse(dom: qsbr.Domain) -> None:
     cell = qsbr.Cell(1, domain=dom)
     with pytest.raises(AttributeError, match="use cell.set"):

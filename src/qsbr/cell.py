@@ -42,17 +42,25 @@ class Cell(Generic[T]):
     the old value is left to refcounting).
     """
 
-    __slots__ = ("value", "_release", "_domain", "_lock", "_closed", "__weakref__", "__orig_class__")
+    __slots__ = ("value", "_release", "_size", "_domain", "_lock", "_closed", "__weakref__", "__orig_class__")
 
     value: T
     _release: Callable[[T], Any] | None
+    _size: Callable[[T], int] | None
     _domain: Domain
     _lock: threading.Lock
     _closed: bool
 
     def __init__(
-        self, value: T, release: Callable[[T], Any] | None = None, *, domain: Domain | None = None
+        self,
+        value: T,
+        release: Callable[[T], Any] | None = None,
+        *,
+        domain: Domain | None = None,
+        size: Callable[[T], int] | None = None,
     ) -> None:
+        """``size(old)``, when given, is the bytes ``release(old)`` frees,
+        for the domain's byte budget and cap (default: retire()'s estimate)."""
         if release is not None and not callable(release):
             raise TypeError(
                 f"release must be callable (e.g. Cell(model, release=Model.close)) or None, "
@@ -60,9 +68,12 @@ class Cell(Generic[T]):
             )
         if domain is not None and not isinstance(domain, Domain):
             raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
+        if size is not None and not callable(size):
+            raise TypeError(f"size must be callable(value) -> bytes, or None; not {type(size).__name__}")
         _store = object.__setattr__
         _store(self, "value", value)
         _store(self, "_release", release)
+        _store(self, "_size", size)
         _store(self, "_domain", domain if domain is not None else default_domain())
         _store(self, "_lock", threading.Lock())
         _store(self, "_closed", False)
@@ -101,7 +112,7 @@ class Cell(Generic[T]):
         old = self._swap(new)
         release = self._release
         if release is not None and old is not new:
-            self._domain._retire_any(old, release)
+            self._retire(old, release)
 
     def exchange(self, new: T) -> T:
         """Publish ``new`` and hand the old value back; nothing is retired.
@@ -120,7 +131,7 @@ class Cell(Generic[T]):
             object.__setattr__(self, "value", new)
         release = self._release
         if release is not None and old is not new:
-            self._domain._retire_any(old, release)
+            self._retire(old, release)
         return True
 
     def close(self) -> None:
@@ -133,7 +144,11 @@ class Cell(Generic[T]):
             object.__setattr__(self, "_closed", True)
             object.__delattr__(self, "value")
         if self._release is not None:
-            self._domain._retire_any(old, self._release)
+            self._retire(old, self._release)
+
+    def _retire(self, old: T, release: Callable[[T], Any]) -> None:
+        size = self._size
+        self._domain._retire_any(old, release, None if size is None else size(old))
 
     def _swap(self, new: T) -> T:
         with self._lock:  # writers serialize: see the module docstring
