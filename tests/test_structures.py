@@ -168,8 +168,10 @@ def test_pool_acquire_sizes_and_errors(dom: qsbr.Domain) -> None:
     pool = qsbr.BufferPool(domain=dom)
     v = pool.acquire(100)
     assert len(v) == 100 and not v.readonly
-    st = {c.block_size: c for c in pool.stats().classes}
+    st = pool.stats().classes
     assert st[256].in_use == 1 and st[64].in_use == 0
+    assert pool.stats()["pages"] == pool.stats().pages == 1
+    assert set(pool.stats().as_dict()["classes"]) == {64, 256, 1024, 4096, 16384, 65536}
     assert len(pool.acquire(65536)) == 65536
     with pytest.raises(TypeError, match="int number of bytes"):
         pool.acquire(1.5)  # type: ignore[arg-type]
@@ -204,7 +206,7 @@ def test_pool_reuses_a_block_only_after_a_grace_period(dom: qsbr.Domain, worker:
     assert bytes(reader_view) == b"\x07" * 256  # untouched: not reused
     with pytest.raises(MemoryError, match="max_bytes=2,048"):
         pool.acquire(256)  # only the waiting block is left, and it is not safe
-    assert pool.stats().classes[0].waiting == 1
+    assert pool.stats().classes[256].waiting == 1
     worker.call(dom.quiescent)  # the reader is done with it
     again = pool.acquire(256)
     assert bytes(reader_view) == bytes([qsbr.buffer_pool.POISON]) * 256  # same block, poisoned when safe
@@ -222,7 +224,7 @@ def test_pool_page_changes_class_only_after_a_grace_period(dom: qsbr.Domain, wor
     worker.call(dom.quiescent)  # after that acquire's poll advanced to the goal
     w = pool.acquire(500)  # now the page may be re-carved into 512-byte blocks
     assert len(w) == 500
-    st = {c.block_size: c for c in pool.stats().classes}
+    st = pool.stats().classes
     assert (st[512].in_use, st[256].free, st[256].waiting) == (1, 0, 0)
     worker.call(dom.unregister)
 
@@ -271,7 +273,7 @@ def test_pool_under_threads_never_hands_out_a_block_in_use(dom: qsbr.Domain) -> 
         t.join(timeout=60)
     assert not errors, errors[:3]
     st = pool.stats()
-    assert sum(c.in_use for c in st.classes) == 0
+    assert sum(c.in_use for c in st.classes.values()) == 0
 
 
 # -- SharedArray ---------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_shared_array_resize_retires_old_storage_to_the_pool(dom: qsbr.Domain, w
     old_view = worker.call(a.view)  # a reader holds the 8-item storage
     a.append(8.0)  # resize: new storage, old one back to the pool
     assert len(a) == 9 and a[8] == 8.0
-    waiting = sum(c.waiting for c in pool.stats().classes)
+    waiting = sum(c.waiting for c in pool.stats().classes.values())
     assert waiting == 1
     for _ in range(50):  # lots of pool traffic: the old block must not be reused
         pool.release(pool.acquire(64))

@@ -73,10 +73,17 @@ class PoolStats:
     #: Bytes of all pages, and the cap (None: no cap).
     bytes: int
     max_bytes: int | None
-    classes: tuple[ClassStats, ...]
+    #: block size -> its blocks in use / waiting / free.
+    classes: dict[int, ClassStats]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        """``stats["pages"]``: the fields, read as a mapping too."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 class _Page:
@@ -337,10 +344,10 @@ class BufferPool:
                 page_size=self._page_size,
                 bytes=len(self._pages) * self._page_size,
                 max_bytes=self._max_bytes,
-                classes=tuple(
-                    ClassStats(c, self._in_use[c], len(self._waiting[c]), len(self._free[c]))
+                classes={
+                    c: ClassStats(c, self._in_use[c], len(self._waiting[c]), len(self._free[c]))
                     for c in self._classes
-                ),
+                },
             )
 
     def close(self) -> None:
