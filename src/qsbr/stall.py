@@ -34,7 +34,7 @@ import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._unraisable import report_unraisable
 
@@ -83,8 +83,8 @@ class StallReport:
         )
 
 
-def _stack_of(ident: int) -> str:
-    frame = sys._current_frames().get(ident)
+def _stack_of(ident: int, frames: dict[int, Any]) -> str:
+    frame = frames.get(ident)
     if frame is None:
         return ""
     return "".join(traceback.format_stack(frame))
@@ -113,7 +113,7 @@ class StallDetector:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            self._check_locked(domain, report=True)
+            self._check_locked(domain, report=True, every_stack=False)
         finally:
             self._lock.release()
 
@@ -122,9 +122,11 @@ class StallDetector:
         if self.timeout is None:
             return []
         with self._lock:
-            return self._check_locked(domain, report=True)
+            return self._check_locked(domain, report=True, every_stack=True)
 
-    def _check_locked(self, domain: Domain, report: bool) -> list[StallReport]:
+    def _check_locked(self, domain: Domain, report: bool, every_stack: bool) -> list[StallReport]:
+        """One pass over the threads. Stacks are formatted for new stalls
+        (they are logged), and for all of them when ``every_stack``."""
         timeout = self.timeout
         assert timeout is not None
         now = time.monotonic()
@@ -139,6 +141,7 @@ class StallDetector:
             wr = domain.advance()
         need = min(oldest, wr)
         stalled: list[tuple[ThreadState, StallReport]] = []
+        frames: dict[int, Any] | None = None  # every thread's frame, fetched once per check
         for st in list(domain._registry):
             seq = st.seq
             if seq == 0 or seq >= need:  # detached, or not what releases wait on
@@ -146,6 +149,9 @@ class StallDetector:
             since = domain._advanced_past(seq)
             if since is None or now - since < timeout:
                 continue
+            want_stack = every_stack or st.stall_seq != seq
+            if want_stack and frames is None:
+                frames = sys._current_frames()
             stalled.append(
                 (
                     st,
@@ -156,7 +162,7 @@ class StallDetector:
                         wr_seq=wr,
                         grace_periods_behind=(wr - seq) // 2,
                         stalled_for=now - since,
-                        stack=_stack_of(st.ident),
+                        stack=_stack_of(st.ident, frames) if want_stack and frames is not None else "",
                     ),
                 )
             )
