@@ -73,7 +73,7 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
 
 def test_stall_demo_names_the_stuck_reader_and_keeps_the_cap() -> None:
     buf = io.StringIO()
-    report = run_demo(seconds=2.5, readers=2, out=buf, stall=True, live=False)
+    report = run_demo(seconds=4.0, readers=2, out=buf, stall=True, live=False)
     text = buf.getvalue()
     assert report.ok, text
     assert report.cap_bytes is not None and report.max_backlog_bytes <= report.cap_bytes
