@@ -420,3 +420,33 @@ def test_executor_tasks_hold_a_swapped_value_until_they_finish(dom: qsbr.Domain)
         assert old.closes == 1
     with pytest.raises(TypeError):
         qsbr.ThreadPoolExecutor(1, domain=object())  # type: ignore[arg-type]
+
+
+class EagerPool(qsbr.BufferPool):
+    """Broken on purpose: a released block is free at once, no grace period."""
+
+    def release(self, view: memoryview) -> None:
+        super().release(view)
+        with self._lock:
+            for size, waiting in self._waiting.items():
+                while waiting:
+                    block = waiting.popleft()
+                    block.page.out -= 1
+                    if self._debug:
+                        block.page.buf[block.offset : block.offset + block.size] = (
+                            bytes([qsbr.buffer_pool.POISON]) * block.size
+                        )
+                    self._free[size].append(block)
+
+
+def test_the_resize_check_catches_a_pool_without_grace_periods(dom: qsbr.Domain, worker: Worker) -> None:
+    """The same steps as the resize test above, with a pool that recycles at
+    once: the reader's view of the old storage is overwritten under it."""
+    pool = EagerPool(domain=dom, debug=True)
+    a = qsbr.SharedArray("d", pool=pool)
+    a.extend(float(i) for i in range(8))
+    worker.call(dom.register)
+    old_view = worker.call(a.view)
+    a.append(8.0)  # resize: the old storage goes back to the pool...
+    assert old_view.tolist() != [float(i) for i in range(8)]  # ...and is poisoned under the reader
+    worker.call(dom.unregister)
