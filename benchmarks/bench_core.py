@@ -4,6 +4,10 @@
    Target: at most 2x. Also ThreadHandle.quiescent(), the per-thread form.
 2. retire() plus its eventual release, amortized per object, against
    appending to a list and calling the release directly. Target: at most 5x.
+3. The pure-Python floor of both: FloorDomain below does the least that any
+   pure-Python domain must do for these two operations, and less than a
+   correct one does. Where the floor is over a target, no pure-Python
+   implementation meets that target on this interpreter.
 
 Run:  qsbr bench core   (or: make bench; PYTHON=... for another interpreter)
 """
@@ -11,9 +15,11 @@ Run:  qsbr bench core   (or: make bench; PYTHON=... for another interpreter)
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,6 +36,81 @@ class Plain:
 
 def noop_release(obj: object) -> None:
     pass
+
+
+_getsizeof = sys.getsizeof
+
+
+class FloorState:
+    __slots__ = ("seq", "deferrals", "fns", "args", "retired_bytes")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.deferrals = 0
+        self.fns: list[Callable[[Any], Any]] = []
+        self.args: list[Any] = []
+        self.retired_bytes = 0
+
+
+class FloorDomain:
+    """A lower bound, not a domain: it keeps no goals, never scans, takes no
+    lock and runs releases in batches of FLOOR_BATCH as if every grace
+    period were already over. What it keeps is what no pure-Python domain
+    can drop: finding the calling thread's state (a threading.local), one
+    load of wr_seq, one store per quiescent state; per retirement, the
+    deferred-advance count, the queueing, and the release call itself.
+    retire_checked() adds what issues 2 and 4 require at retire() time:
+    the TypeError for a release that is not callable, and the default size
+    estimate and its per-thread byte count."""
+
+    __slots__ = ("_tls", "_wr_seq")
+    FLOOR_BATCH = 1000
+
+    def __init__(self) -> None:
+        self._tls = threading.local()
+        self._tls.q = FloorState()
+        self._wr_seq = 1
+
+    def quiescent(self) -> None:
+        self._tls.q.seq = self._wr_seq
+
+    def retire(self, obj: Any, release: Callable[[Any], Any]) -> int:
+        st = self._tls.q
+        n = st.deferrals + 1
+        if n < self.FLOOR_BATCH:
+            st.deferrals = n
+            st.fns.append(release)
+            st.args.append(obj)
+            return self._wr_seq + 2
+        st.deferrals = 0
+        self.flush()
+        release(obj)
+        return self._wr_seq
+
+    def retire_checked(self, obj: Any, release: Callable[[Any], Any], size: int | None = None) -> int:
+        if not callable(release):
+            raise TypeError("release must be callable")
+        if size is None:
+            size = _getsizeof(obj)  # less than issue 4's estimate: no nbytes check
+        st = self._tls.q
+        st.retired_bytes += size
+        n = st.deferrals + 1
+        if n < self.FLOOR_BATCH:
+            st.deferrals = n
+            st.fns.append(release)
+            st.args.append(obj)
+            return self._wr_seq + 2
+        st.deferrals = 0
+        self.flush()
+        release(obj)
+        return self._wr_seq
+
+    def flush(self) -> None:
+        st = self._tls.q
+        fns, args = st.fns, st.args
+        st.fns, st.args = [], []
+        for fn, arg in zip(fns, args, strict=True):
+            fn(arg)
 
 
 def main() -> None:
@@ -58,6 +139,13 @@ def main() -> None:
         return time.perf_counter() - t
 
     handle = d.handle()
+    floor = FloorDomain()
+
+    def floor_quiescent(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            floor.quiescent()
+        return time.perf_counter() - t
 
     def handle_quiescent(n: int) -> float:
         h = handle
@@ -74,6 +162,7 @@ def main() -> None:
             "empty_call": empty_call,
             "quiescent": quiescent,
             "handle_quiescent": handle_quiescent,
+            "floor_quiescent": floor_quiescent,
         },
         n,
         repeats,
@@ -100,6 +189,16 @@ def main() -> None:
 
         return case
 
+    def floor_case(retire: Callable[[Any, Callable[[Any], Any]], int]) -> Callable[[int], float]:
+        def case(n: int) -> float:
+            t = time.perf_counter()
+            for o in objs[:n]:
+                retire(o, noop_release)
+            floor.flush()
+            return time.perf_counter() - t
+
+        return case
+
     bg = qsbr.Domain(background=True)
     bg.register()
     retire_and_release = retire_case(d)
@@ -111,6 +210,8 @@ def main() -> None:
             "append_and_release": append_and_release,
             "retire_and_release": retire_and_release,
             "retire_background_reclaimer": retire_background,
+            "floor_retire": floor_case(floor.retire),
+            "floor_retire_checked": floor_case(floor.retire_checked),
         },
         m,
         repeats,
@@ -126,6 +227,9 @@ def main() -> None:
     h_ratio = reader["handle_quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
     r_ratio = writer["retire_and_release"]["median_ns"] / writer["append_and_release"]["median_ns"]
     rb_ratio = writer["retire_background_reclaimer"]["median_ns"] / writer["append_and_release"]["median_ns"]
+    fq_ratio = reader["floor_quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
+    fr_ratio = writer["floor_retire"]["median_ns"] / writer["append_and_release"]["median_ns"]
+    frc_ratio = writer["floor_retire_checked"]["median_ns"] / writer["append_and_release"]["median_ns"]
     results = {
         "reader": reader,
         "writer": writer,
@@ -134,6 +238,9 @@ def main() -> None:
             "handle_quiescent_vs_empty_call": h_ratio,
             "retire_release_vs_append_call": r_ratio,
             "retire_background_vs_append_call": rb_ratio,
+            "floor_quiescent_vs_empty_call": fq_ratio,
+            "floor_retire_vs_append_call": fr_ratio,
+            "floor_retire_checked_vs_append_call": frc_ratio,
         },
         "targets": {"quiescent_vs_empty_call": 2.0, "retire_release_vs_append_call": 5.0},
         "n": {"reader": n, "writer": m, "repeats": repeats},
@@ -148,6 +255,10 @@ def main() -> None:
     print(f"  ThreadHandle.quiescent / empty     {h_ratio:5.2f}x")
     print(f"  retire+release / append+call       {r_ratio:5.2f}x   (target <= 5x)")
     print(f"  same, background reclaimer         {rb_ratio:5.2f}x")
+    print("  the pure-Python floor (FloorDomain: no goals, no scan, no lock):")
+    print(f"    quiescent / empty method call    {fq_ratio:5.2f}x")
+    print(f"    retire+release / append+call     {fr_ratio:5.2f}x")
+    print(f"    the same + TypeError check, size {frc_ratio:5.2f}x")
     print(f"  wrote {path}")
 
 
