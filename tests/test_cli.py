@@ -69,6 +69,31 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     assert result_files
     data = json.loads(result_files[-1].read_text())
     assert data["ratios"]["quiescent_vs_empty_call"] > 0
+    assert data["ratios"]["floor_retire_checked_vs_append_call"] > 0
+
+
+def test_bench_floor_runs_every_release_once() -> None:
+    """The floor is only a fair lower bound if it does the work it claims:
+    every retired object is released, once, and quiescent() stores wr_seq."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_core import FloorDomain
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    floor = FloorDomain()
+    released: list[int] = []
+    for retire in (floor.retire, floor.retire_checked):
+        n = 2 * FloorDomain.FLOOR_BATCH + 7
+        for i in range(n):
+            retire(i, released.append)
+        floor.flush()
+        assert sorted(released) == list(range(n))
+        released.clear()
+    with pytest.raises(TypeError):
+        floor.retire_checked(1, "not callable")  # type: ignore[arg-type]
+    floor._wr_seq = 41
+    floor.quiescent()
+    assert floor._tls.q.seq == 41
 
 
 def test_stall_demo_names_the_stuck_reader_and_keeps_the_cap() -> None:
