@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import operator
 import os
 import sys
 import threading
@@ -54,6 +55,9 @@ _RELEASE_ERROR_MSG = "Exception ignored in a qsbr release of"
 #: Advances remembered for grace-period timing and stall ages; past this
 #: many outstanding (rd_seq far behind), later ones are not timed.
 _GP_STARTS_KEPT = 4096
+
+#: The wr_seq value of a (wr_seq, time) entry of Domain._gp_starts.
+_advance_value = operator.itemgetter(0)
 
 #: type -> how to size its instances: 0 sys.getsizeof, 1 .nbytes, 2 len() (mmap).
 _SIZE_KIND: dict[type, int] = {}
@@ -290,7 +294,7 @@ class Domain:
         passed it, or too long ago to be remembered)."""
         with self._lock:
             starts = self._gp_starts
-            i = bisect.bisect_right(starts, seq, key=lambda e: e[0])
+            i = bisect.bisect_right(starts, seq, key=_advance_value)
             return starts[i][1] if i < len(starts) else None
 
     def deferred_advance(self) -> int:
@@ -720,7 +724,7 @@ class Domain:
                     took = time.monotonic() - starts[0][1]
                     if took > self._longest_gp:
                         self._longest_gp = took
-                    del starts[: bisect.bisect_right(starts, min_seq, key=lambda e: e[0])]
+                    del starts[: bisect.bisect_right(starts, min_seq, key=_advance_value)]
             rd = self._rd_seq
         return rd, alone
 

@@ -25,9 +25,10 @@ Scanners read the slot list without a lock.
 
 Safety of a scan that runs while threads come and go (both strategies):
 
-* Every pass first reads ``wr_seq`` (``pass_wr``) and its result is capped
-  at that value. A goal g <= pass_wr was reached before the pass began, so
-  the object tagged with g was unlinked before the pass began.
+* Every pass first reads ``wr_seq`` (call it pass_wr) and starts its
+  running minimum at that value, so its result is capped at pass_wr. A goal
+  g <= pass_wr was reached before the pass began, so the object tagged with
+  g was unlinked before the pass began.
 * A thread the pass did not examine (it registered into a slot the pass had
   already passed, or after the pass read the slot list) registered after
   the pass began, so it reads shared data only after that unlink: it cannot
@@ -160,7 +161,6 @@ class IncrementalScan:
     def reset(self) -> None:
         self._lock = threading.Lock()
         self._in_pass = False
-        self._pass_wr = 0
         self._cursor = 0
         self._lowest = 0
         self._lowest_state: ThreadState | None = None
@@ -175,7 +175,7 @@ class IncrementalScan:
         ``full``). Returns (the pass's result when it completed in this call,
         else None; whether the caller is the only attached thread, which is
         only claimed for a pass that began and ended within this call)."""
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(False):  # positional: cheaper than blocking=False
             return None, False  # another poller is scanning: let it
         try:
             fresh = not self._in_pass
@@ -191,18 +191,21 @@ class IncrementalScan:
                     # a quiescent state (nor detached, nor left): no new pass
                     # could end higher. O(1).
                     return None, False
-                self._in_pass = True
-                self._pass_wr = wr_seq
-                self._cursor = 0
-                self._lowest = wr_seq
-                self._lowest_state = None
-                self._attached = 0
+                # A new pass: its minimum starts at (is capped at) the
+                # wr_seq read before this call. Pass state is stored only if
+                # the pass does not end in this call (with few threads it
+                # always does).
+                start = 0
+                lowest = wr_seq
+                lowest_state: ThreadState | None = None
+                attached = 0
+            else:
+                start = self._cursor
+                lowest = self._lowest
+                lowest_state = self._lowest_state
+                attached = self._attached
             slots = self.registry.slots
-            start = self._cursor
             end = len(slots) if full else min(len(slots), start + self.step)
-            lowest = self._lowest
-            lowest_state = self._lowest_state
-            attached = self._attached
             # One C-level copy of the step's slots, then a loop over a list
             # this thread owns: on free-threaded 3.13, indexing the shared
             # list item by item costs an atomic reference per item.
@@ -215,6 +218,7 @@ class IncrementalScan:
                             lowest = seq
                             lowest_state = st
             if end < len(slots):
+                self._in_pass = True
                 self._cursor = end
                 self._lowest = lowest
                 self._lowest_state = lowest_state
