@@ -7,6 +7,8 @@
 #   make lint                       ruff and mypy --strict
 #   make verify                     spin model check of the protocol, and its mutants (verify/)
 #   make torture SECONDS=300        the rcutorture-style test, longer than CI runs it
+#   make loop RUNS=200              the interleaving tests RUNS times in a row, stopping at a failure
+#                                   (TESTS=tests/test_x.py to loop other concurrency tests)
 PYTHON ?= python3
 # One virtual environment per interpreter build, e.g. .venv/cpython-311 and .venv/cpython-313t.
 TAG := $(shell $(PYTHON) -c "import sys, sysconfig; print(sys.implementation.cache_tag + ('t' if sysconfig.get_config_var('Py_GIL_DISABLED') else ''))")
@@ -15,7 +17,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SECONDS ?= 10
 
-.PHONY: test demo bench lint verify torture clean
+.PHONY: test demo bench lint verify torture loop clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +49,16 @@ lint: $(STAMP)
 
 torture: $(STAMP)
 	QSBR_TORTURE_SECONDS=$(SECONDS) $(VPY) -m pytest -q tests/test_torture.py -k bound
+
+RUNS ?= 200
+TESTS ?= tests/test_interleave.py
+loop: $(STAMP)
+	@start=$$(date +%s); \
+	for i in $$(seq 1 $(RUNS)); do \
+	  $(VPY) -m pytest -q -p no:cacheprovider $(TESTS) > $(VENV)/loop.log 2>&1 \
+	    || { cat $(VENV)/loop.log; echo "loop: run $$i of $(RUNS) FAILED after $$(( $$(date +%s) - start )) s"; exit 1; }; \
+	done; \
+	echo "loop: $(RUNS) runs of $(TESTS) passed in a row in $$(( $$(date +%s) - start )) s ($(TAG))"
 
 verify:
 	@command -v spin >/dev/null 2>&1 || { \

@@ -22,6 +22,14 @@ the strategy and seed (``RandomStrategy(seed)`` again), or from the recorded
 choice list (``Replay(choices)``). Nothing here costs anything in normal runs:
 the tracing is installed only in the threads a scheduler starts.
 
+Finalizers and the garbage collector are not switch points. A ``__del__``
+(such as the thread-exit sentinel of a domain from an earlier run) or a
+collection can run on a scheduled thread at any allocation. Pausing the
+thread there, or raising the scheduler's abort there, would turn into an
+"Exception ignored in ..." report far from the scenario, so a thread is
+*quiet* (unscheduled, untraced) from the entry of a ``__del__`` frame to its
+return, and from a collection's start to its stop (``gc.callbacks``).
+
 Blocking: a thread that would block on one of the domain's locks must not
 block for real, since the thread holding the lock is paused by us. So
 ``instrument(domain)`` swaps the domain's locks for ``SchedLock``s, which
@@ -32,13 +40,15 @@ retire); the scheduler reports a deadlock (no runnable thread) as a failure.
 
 from __future__ import annotations
 
+import gc
+import queue
 import random
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType, FunctionType
 from typing import Any
 
 import qsbr
@@ -163,25 +173,37 @@ def _options(current: int | None, runnable: list[int]) -> list[int]:
 
 class SchedLock:
     """A Lock for scheduled threads: acquiring a held lock yields instead of
-    blocking. Threads the scheduler does not run use it as a plain lock."""
+    blocking. Threads the scheduler does not run (or does not run now: a
+    finalizer, a thread being aborted) use it as a plain lock.
+
+    A lock held by such an outside thread (a thread-exit sentinel running at
+    teardown, say) is waited for for real, without a scheduling decision:
+    the outsider releases it on its own, and whether it was still held at
+    that instant is a matter of real time, which must not change the
+    sequence of decisions a seed replays."""
 
     def __init__(self, sched: Scheduler) -> None:
         self._sched = sched
         self._real = threading.Lock()
+        self._owner: int | None = None
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if self._real.acquire(False):
-            return True
-        if not blocking:
-            return False
-        me = self._sched._me()
-        if me is None:  # not a scheduled thread
-            return self._real.acquire(True, timeout)
-        while not self._real.acquire(False):
+        while True:
+            if self._real.acquire(False):
+                self._owner = threading.get_ident()
+                return True
+            if not blocking:
+                return False
+            me = self._sched._me()
+            if me is None or not self._sched._is_scheduled(self._owner):
+                if not self._real.acquire(True, timeout):
+                    return False
+                self._owner = threading.get_ident()
+                return True
             self._sched._block_on(me, self)
-        return True
 
     def release(self) -> None:
+        self._owner = None
         self._real.release()
         self._sched._unblock(self)
 
@@ -239,7 +261,206 @@ class _Thread:
         self.go = threading.Semaphore(0)
         self.done = False
         self.blocked_on: SchedLock | None = None
-        self.thread: threading.Thread | None = None
+        self.ended = threading.Event()  # _body has returned (its worker is free)
+
+
+# -- switch points: how line events reach the scheduler ----------------------------
+
+
+def _code_objects(files: frozenset[str]) -> list[CodeType]:
+    """Every code object defined in ``files`` (modules already imported):
+    functions, methods, properties, nested functions and lambdas."""
+    found: dict[int, CodeType] = {}
+
+    def add_code(code: CodeType) -> None:
+        if code.co_filename in files and id(code) not in found:
+            found[id(code)] = code
+            for const in code.co_consts:
+                if isinstance(const, CodeType):
+                    add_code(const)
+
+    def add(obj: Any, seen: set[int]) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        obj = getattr(obj, "__wrapped__", obj)  # @contextmanager and friends
+        if isinstance(obj, (staticmethod, classmethod)):
+            obj = obj.__func__
+        if isinstance(obj, property):
+            for f in (obj.fget, obj.fset, obj.fdel):
+                if f is not None:
+                    add(f, seen)
+        elif isinstance(obj, type):
+            for member in vars(obj).values():
+                add(member, seen)
+        elif isinstance(obj, FunctionType):
+            add_code(obj.__code__)
+
+    seen: set[int] = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and str(Path(path).resolve()) in files:
+            for member in list(vars(module).values()):
+                add(member, seen)
+    return list(found.values())
+
+
+class _Monitoring:
+    """Switch points from sys.monitoring (3.12+): LINE (or INSTRUCTION)
+    events on the code objects of the chosen files only. sys.settrace there
+    re-instruments every function the interpreter runs each time tracing is
+    turned on or off, which made a run on 3.13t several times slower."""
+
+    _tool: int | None = None
+
+    def __init__(self, files: frozenset[str], opcodes: bool) -> None:
+        self.files = files
+        self.opcodes = opcodes
+        self.codes: list[CodeType] = []
+        self.active: Scheduler | None = None
+
+    def __enter__(self) -> _Monitoring:
+        mon = sys.monitoring
+        for tool in (mon.DEBUGGER_ID, 1, 2, 3, 4, 5):
+            try:
+                mon.use_tool_id(tool, "qsbr-interleave")
+            except ValueError:
+                continue
+            self._tool = tool
+            break
+        else:
+            raise RuntimeError("no free sys.monitoring tool id for the interleaving scheduler")
+        event = mon.events.INSTRUCTION if self.opcodes else mon.events.LINE
+        mon.register_callback(self._tool, event, self._event)
+        self.codes = _code_objects(self.files)
+        for code in self.codes:
+            mon.set_local_events(self._tool, code, event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        mon = sys.monitoring
+        assert self._tool is not None
+        for code in self.codes:
+            mon.set_local_events(self._tool, code, 0)
+        mon.register_callback(self._tool, mon.events.INSTRUCTION if self.opcodes else mon.events.LINE, None)
+        mon.free_tool_id(self._tool)
+
+    def _event(self, code: CodeType, where: int) -> None:
+        sched = self.active
+        if sched is not None:
+            sched._switch_point()
+
+    def start_thread(self, sched: Scheduler) -> None:
+        pass
+
+    def stop_thread(self) -> None:
+        pass
+
+
+class _SetTrace:
+    """Switch points from sys.settrace (3.11), installed only in scheduled threads."""
+
+    def __init__(self, files: frozenset[str], opcodes: bool) -> None:
+        self.files = files
+        self.opcodes = opcodes
+        self.active: Scheduler | None = None
+
+    def __enter__(self) -> _SetTrace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start_thread(self, sched: Scheduler) -> None:
+        sys.settrace(self._tracer)
+
+    def stop_thread(self) -> None:
+        sys.settrace(None)
+
+    def _tracer(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code.co_filename in self.files:
+            if self.opcodes:
+                frame.f_trace_opcodes = True
+            return self._local
+        return None
+
+    def _local(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line" or event == "opcode":
+            sched = self.active
+            if sched is not None:
+                sched._switch_point()
+        return self._local
+
+
+_Tracing = _Monitoring if hasattr(sys, "monitoring") else _SetTrace
+
+
+class _Workers:
+    """Threads that run the scenario threads of successive runs. Starting a
+    thread costs about 1 ms on 3.13t; a session reuses them. A worker takes
+    the name of the scenario thread it runs (ThreadState records it)."""
+
+    def __init__(self) -> None:
+        self._jobs: list[queue.SimpleQueue[Callable[[], None] | None]] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self, jobs: list[Callable[[], None]]) -> list[int]:
+        """Run each job on its own worker; returns the workers' idents."""
+        while len(self._threads) < len(jobs):
+            inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+            th = threading.Thread(target=self._serve, args=(inbox,), name="interleave-worker", daemon=True)
+            th.start()
+            self._jobs.append(inbox)
+            self._threads.append(th)
+        for inbox, job in zip(self._jobs, jobs, strict=False):
+            inbox.put(job)
+        return [th.ident for th in self._threads[: len(jobs)] if th.ident is not None]
+
+    @staticmethod
+    def _serve(inbox: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (job := inbox.get()) is not None:
+            job()
+
+    def close(self) -> None:
+        for inbox in self._jobs:
+            inbox.put(None)
+        for th in self._threads:
+            th.join(RUN_TIMEOUT)
+
+
+class Session:
+    """What successive runs can share: the switch-point instrumentation and
+    the worker threads. explore() and exhaustive() open one for all their
+    runs; a Scheduler used alone opens its own for its one run."""
+
+    def __init__(self, files: Iterable[str] = (), opcodes: bool = False,
+                 qsbr_modules: Iterable[str] | None = None) -> None:
+        self.files = _switch_point_files(files, qsbr_modules)
+        self.opcodes = opcodes
+        self.tracing = _Tracing(self.files, opcodes)
+        self.workers = _Workers()
+
+    def __enter__(self) -> Session:
+        self.tracing.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.workers.close()
+        self.tracing.__exit__()
+
+
+def _switch_point_files(files: Iterable[str], qsbr_modules: Iterable[str] | None) -> frozenset[str]:
+    chosen = QSBR_FILES
+    if qsbr_modules is not None:
+        names = set(qsbr_modules)
+        chosen = frozenset(f for f in QSBR_FILES if Path(f).name in names)
+        unknown = names - {Path(f).name for f in chosen}
+        if unknown:
+            raise ValueError(f"no qsbr module named {sorted(unknown)}")
+    return chosen | {str(Path(f).resolve()) for f in files}
+
+
+# -- the scheduler -------------------------------------------------------------
 
 
 class Scheduler:
@@ -251,27 +472,28 @@ class Scheduler:
         files: Iterable[str] = (),
         opcodes: bool = False,
         qsbr_modules: Iterable[str] | None = None,
+        session: Session | None = None,
     ) -> None:
         """``files``: the scenario's own source files (their lines are
         switch points too). ``qsbr_modules``: which of qsbr's modules give
         switch points, by file name (e.g. ``("scan.py",)``); None = all.
-        Fewer points make deep bugs in the chosen module likelier to be hit."""
+        Fewer points make deep bugs in the chosen module likelier to be hit.
+        ``session``: share instrumentation and threads with other runs (it
+        fixes files, opcodes and modules)."""
         self.strategy = strategy
-        chosen = QSBR_FILES
-        if qsbr_modules is not None:
-            names = set(qsbr_modules)
-            chosen = frozenset(f for f in QSBR_FILES if Path(f).name in names)
-            unknown = names - {Path(f).name for f in chosen}
-            if unknown:
-                raise ValueError(f"no qsbr module named {sorted(unknown)}")
-        self.files = chosen | {str(Path(f).resolve()) for f in files}
-        self.opcodes = opcodes
+        self._own_session = session is None
+        self.session = session if session is not None else Session(files, opcodes, qsbr_modules)
+        self.files = self.session.files
         self._threads: list[_Thread] = []
         self._by_ident: dict[int, _Thread] = {}
         self._current: _Thread | None = None
         self._finished = threading.Event()
         self._aborting = False
         self._after: list[Callable[[], Any]] = []
+        #: thread ident -> how many collections it is inside (see the module
+        #: docstring: no switch point fires there). Each entry is written
+        #: only by its own thread.
+        self._in_gc: dict[int, int] = {}
         self.outcome = Outcome(repr(strategy))
 
     def after_run(self, check: Callable[[], Any]) -> None:
@@ -283,24 +505,35 @@ class Scheduler:
     # -- used by the threads -------------------------------------------------
 
     def _me(self) -> _Thread | None:
-        """The scheduled thread calling, or None (an outside thread, or a
-        scheduled one that finished: e.g. its exit sentinel running)."""
-        t = self._by_ident.get(threading.get_ident())
-        return None if t is None or t.done else t
+        """The scheduled thread calling, or None: an outside thread, a
+        scheduled one that finished, one inside a finalizer or a collection
+        (see the module docstring), or any thread once the run is being
+        aborted (it unwinds as a plain thread)."""
+        if self._aborting:
+            return None
+        ident = threading.get_ident()
+        t = self._by_ident.get(ident)
+        if t is None or t.done or self._in_gc.get(ident) or _in_finalizer():
+            return None
+        return t
 
-    def _tracer(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "call" and frame.f_code.co_filename in self.files:
-            if self.opcodes:
-                frame.f_trace_opcodes = True
-            return self._local
-        return None
+    def _is_scheduled(self, ident: int | None) -> bool:
+        """Whether ``ident`` is a scheduled thread that has not finished."""
+        t = self._by_ident.get(ident) if ident is not None else None
+        return t is not None and not t.done
 
-    def _local(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "line" or event == "opcode":
-            self._switch_point()
-        return self._local
+    def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
+        # Runs in the collecting thread, around every finalizer and weakref
+        # callback of the collection.
+        ident = threading.get_ident()
+        if phase == "start":
+            self._in_gc[ident] = self._in_gc.get(ident, 0) + 1
+        elif self._in_gc.get(ident):
+            self._in_gc[ident] -= 1
 
     def _switch_point(self) -> None:
+        if self._current is None or self._current.done:
+            return
         me = self._me()
         if me is None or self._current is not me:
             return
@@ -320,13 +553,11 @@ class Scheduler:
         wait until it comes back."""
         nxt = self._pick(me if can_go_on else None)
         if nxt is None:
-            return  # the run is over (deadlock or too long): aborting
+            raise _Abort  # the run is over (deadlock or too long)
         if nxt is not me:
             self._current = nxt
             nxt.go.release()
             me.go.acquire()
-            if self._aborting:
-                raise _Abort
         if self._aborting:
             raise _Abort
 
@@ -358,18 +589,27 @@ class Scheduler:
         self._finished.set()
 
     def _body(self, t: _Thread) -> None:
+        threading.current_thread().name = t.name
+        tracing = self.session.tracing
         t.go.acquire()
         try:
             if not self._aborting:
-                sys.settrace(self._tracer)
+                tracing.start_thread(self)
                 try:
                     t.fn()
                 finally:
-                    sys.settrace(None)
+                    tracing.stop_thread()
         except _Abort:
             pass
         except BaseException as exc:  # noqa: BLE001 - reported in the outcome
+            if self._aborting:
+                return  # unwinding an aborted run freely: not part of the schedule
             self.outcome.errors[t.name] = exc
+            # The first failure ends the run: what the other threads would
+            # do next depends on real time (this thread may still be
+            # registered and holding a lock), and a replay must see the
+            # same decisions.
+            self._abort()
         finally:
             t.done = True
             t.blocked_on = None
@@ -380,19 +620,30 @@ class Scheduler:
                 if nxt is not None:
                     self._current = nxt
                     nxt.go.release()
+            t.ended.set()
 
     # -- used by tests ----------------------------------------------------------
 
     def run(self, threads: dict[str, Callable[[], Any]]) -> Outcome:
         """Run each callable in its own thread, interleaved by the strategy."""
+        session = self.session
+        if self._own_session:
+            session.__enter__()
+        gc.callbacks.append(self._gc_callback)
+        session.tracing.active = self
+        try:
+            return self._run(threads)
+        finally:
+            session.tracing.active = None
+            gc.callbacks.remove(self._gc_callback)
+            if self._own_session:
+                session.__exit__()
+
+    def _run(self, threads: dict[str, Callable[[], Any]]) -> Outcome:
         self.strategy.start(list(threads))
         self._threads = [_Thread(i, name, fn) for i, (name, fn) in enumerate(threads.items())]
-        for t in self._threads:
-            th = threading.Thread(target=self._body, args=(t,), name=t.name, daemon=True)
-            t.thread = th
-            th.start()
-            assert th.ident is not None
-            self._by_ident[th.ident] = t
+        idents = self.session.workers.start([lambda t=t: self._body(t) for t in self._threads])
+        self._by_ident = dict(zip(idents, self._threads, strict=True))
         first = self._pick(None)
         assert first is not None
         self._current = first
@@ -401,8 +652,8 @@ class Scheduler:
             self.outcome.errors.setdefault("scheduler", TimeoutError(f"run took over {RUN_TIMEOUT} s"))
             self._abort()
         for t in self._threads:
-            assert t.thread is not None
-            t.thread.join(RUN_TIMEOUT)
+            if not t.ended.wait(RUN_TIMEOUT):
+                raise RuntimeError(f"scenario thread {t.name!r} did not end within {RUN_TIMEOUT} s")
         if not self._aborting:
             for check in self._after:
                 try:
@@ -410,6 +661,23 @@ class Scheduler:
                 except Exception as exc:  # noqa: BLE001 - reported in the outcome
                     self.outcome.errors.setdefault("after_run", exc)
         return self.outcome
+
+
+def _in_finalizer() -> bool:
+    """Whether the calling thread is inside a ``__del__`` (see the module
+    docstring), looking up the stack as far as the scheduler's own frame."""
+    f: FrameType | None = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code is _BODY_CODE:
+            return False
+        if code.co_name == "__del__":
+            return True
+        f = f.f_back
+    return False
+
+
+_BODY_CODE = Scheduler._body.__code__
 
 
 Scenario = Callable[["Scheduler"], dict[str, Callable[[], Any]]]
@@ -428,15 +696,14 @@ def explore(
     """Run the scenario under each strategy; stop at the first failure.
 
     Returns (runs made, the failing outcome or None)."""
-    files = list(files)
-    modules = None if qsbr_modules is None else list(qsbr_modules)
     runs = 0
-    for strategy in strategies:
-        sched = Scheduler(strategy, files, opcodes, modules)
-        out = sched.run(scenario(sched))
-        runs += 1
-        if out.failed:
-            return runs, out
+    with Session(files, opcodes, qsbr_modules) as session:
+        for strategy in strategies:
+            sched = Scheduler(strategy, session=session)
+            out = sched.run(scenario(sched))
+            runs += 1
+            if out.failed:
+                return runs, out
     return runs, None
 
 
@@ -449,17 +716,16 @@ def exhaustive(
 ) -> tuple[int, Outcome | None]:
     """Every schedule with at most ``preemption_bound`` preemptions (stateless
     DFS over the recorded decisions); stops at the first failure."""
-    files = list(files)
-    modules = None if qsbr_modules is None else list(qsbr_modules)
-    prefix: list[int] = []
+    prefix: list[int] | None = []
     runs = 0
-    while runs < limit:
-        sched = Scheduler(Replay(prefix), files, qsbr_modules=modules)
-        out = sched.run(scenario(sched))
-        runs += 1
-        if out.failed:
-            return runs, out
-        prefix = _next_prefix(out, preemption_bound)
+    with Session(files, qsbr_modules=qsbr_modules) as session:
+        while runs < limit and prefix is not None:
+            sched = Scheduler(Replay(prefix), session=session)
+            out = sched.run(scenario(sched))
+            runs += 1
+            if out.failed:
+                return runs, out
+            prefix = _next_prefix(out, preemption_bound)
         if prefix is None:
             return runs, None
     raise RuntimeError(f"exhaustive(): more than {limit} schedules; lower the bound or the scenario")
