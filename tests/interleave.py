@@ -433,8 +433,9 @@ class Session:
     the worker threads. explore() and exhaustive() open one for all their
     runs; a Scheduler used alone opens its own for its one run."""
 
-    def __init__(self, files: Iterable[str] = (), opcodes: bool = False,
-                 qsbr_modules: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, files: Iterable[str] = (), opcodes: bool = False, qsbr_modules: Iterable[str] | None = None
+    ) -> None:
         self.files = _switch_point_files(files, qsbr_modules)
         self.opcodes = opcodes
         self.tracing = _Tracing(self.files, opcodes)

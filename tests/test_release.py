@@ -12,9 +12,7 @@ import qsbr
 from conftest import STEP_TIMEOUT, Worker, wait_until
 
 
-def test_release_waits_for_every_thread_attached_at_retire(
-    domain: qsbr.Domain, make_worker: Any
-) -> None:
+def test_release_waits_for_every_thread_attached_at_retire(domain: qsbr.Domain, make_worker: Any) -> None:
     r1, r2, writer = make_worker("r1"), make_worker("r2"), make_worker("writer")
     for w in (r1, r2, writer):
         w.call(domain.register)
@@ -34,9 +32,7 @@ def test_release_waits_for_every_thread_attached_at_retire(
         w.call(domain.unregister)
 
 
-def test_thread_registered_after_retire_does_not_hold_it_back(
-    domain: qsbr.Domain, make_worker: Any
-) -> None:
+def test_thread_registered_after_retire_does_not_hold_it_back(domain: qsbr.Domain, make_worker: Any) -> None:
     writer = make_worker("writer")
     writer.call(domain.register)
     released: list[str] = []

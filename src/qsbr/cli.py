@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="a hot-swap under load, verified")
     demo.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
     demo.add_argument("--readers", type=int, default=4, help="reader threads (default 4)")
-    demo.add_argument(
-        "--swap-ms", type=float, default=1.0, help="milliseconds between swaps (default 1)"
-    )
+    demo.add_argument("--swap-ms", type=float, default=1.0, help="milliseconds between swaps (default 1)")
     demo.add_argument(
         "--no-reclaimer",
         action="store_true",
