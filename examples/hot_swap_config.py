@@ -42,4 +42,4 @@ with domain.registered():
         t.join()
     domain.barrier()  # every retired Config is closed now
 s = domain.stats()
-print(f"swaps: 199, closed: {s.releases}, largest backlog: {s.max_pending}")
+print(f"swaps: 199, closed: {s.releases}, largest backlog: {s.peak_pending}")

@@ -217,17 +217,8 @@ class SchedLock:
 
 
 def instrument(domain: qsbr.Domain, sched: Scheduler) -> None:
-    """Give ``domain`` locks that ``sched`` can schedule around."""
-    domain._lock = SchedLock(sched)  # type: ignore[assignment]
-    domain._registry._lock = SchedLock(sched)  # type: ignore[assignment]
-    work = domain._work
-    work._lock = SchedLock(sched)  # type: ignore[assignment]
-    work._batch_done = threading.Condition(work._lock)  # type: ignore[arg-type]
-    work._space = threading.Condition(work._lock)  # type: ignore[arg-type]
-    domain._stalls._lock = SchedLock(sched)  # type: ignore[assignment]
-    scanner = domain._scanner
-    if hasattr(scanner, "_lock"):
-        scanner._lock = SchedLock(sched)
+    """Give ``domain`` (all its parts) locks that ``sched`` can schedule around."""
+    domain._new_locks(lambda: SchedLock(sched))
 
 
 # -- the scheduler -------------------------------------------------------------

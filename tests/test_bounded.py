@@ -56,15 +56,17 @@ def test_pending_bytes_follow_retire_and_release(domain: qsbr.Domain, worker: Wo
     assert domain.barrier(timeout=STEP_TIMEOUT)
     s = domain.stats()
     assert (s.pending, s.pending_bytes) == (0, 0)
-    assert s.released_bytes == s.max_pending_bytes >= 6000
+    assert s.released_bytes == s.peak_pending_bytes >= 6000
     worker.call(domain.unregister)
     domain.unregister()
 
 
 def test_bad_size_is_refused(domain: qsbr.Domain) -> None:
     with domain.registered():
-        for bad in (-1, 1.5, "10", True):
-            with pytest.raises(ValueError, match="size must be an int >= 0"):
+        with pytest.raises(ValueError, match="size must be >= 0"):
+            domain.retire(object(), lambda _: None, size=-1)
+        for bad in (1.5, "10", True, None.__class__):
+            with pytest.raises(TypeError, match="size must be an int >= 0"):
                 domain.retire(object(), lambda _: None, size=bad)  # type: ignore[arg-type]
         assert domain.pending == 0
 
@@ -189,7 +191,7 @@ def test_block_mode_writer_waits_under_the_cap(scan: str, make_worker: Any) -> N
     sampler.stop()
     assert sampler.max_bytes <= cap
     s = d.stats()
-    assert s.max_pending_bytes <= cap
+    assert s.peak_pending_bytes <= cap
     assert s.pending == 0 and s.pending_bytes == 0
     assert [b.frees for b in blobs] == [1] * 20  # nothing lost, nothing twice
     reader.call(d.unregister)
@@ -329,7 +331,7 @@ def test_stall_is_reported_once_naming_the_thread(make_worker: Any, caplog: pyte
         assert (rep.name, rep.ident) == (rep.thread_name, rep.thread_ident)
         assert rep.stalled_for >= 0.2
         assert rep.grace_periods_behind >= 1
-        assert "_run" in rep.stack  # the worker's loop, where it sits
+        assert "_serve" in rep.stack  # the worker's loop, where it sits
         records = [r for r in caplog.records if r.name == "qsbr"]
         assert len(records) == 1 and records[0].levelno == logging.WARNING
         assert "stuck-reader" in records[0].getMessage()
@@ -452,7 +454,7 @@ def test_counters_move_as_specified(make_worker: Any) -> None:
         assert s2.releases == s1.releases + 1 and s2.released_bytes == 100
         assert s2.longest_grace_period >= 0.05
         assert s2.current_grace_period == 0.0
-        assert (s2.pending, s2.pending_bytes, s2.max_pending_bytes) == (0, 0, 100)
+        assert (s2.pending, s2.pending_bytes, s2.peak_pending_bytes) == (0, 0, 100)
         d.retire("b", lambda _: (_ for _ in ()).throw(ValueError("boom")), size=5)
     old = sys.unraisablehook
     sys.unraisablehook = lambda _: None

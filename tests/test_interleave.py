@@ -55,14 +55,8 @@ class GoalTakenEarly(qsbr.Domain):
     wr_seq + 2. A reader that loaded the resource before the unlink and
     has seq == that wr_seq then no longer holds the release back."""
 
-    def retire(self, obj: Any, release: Callable[[Any], Any], *, size: int | None = None) -> int:
-        state = self._tls.state
-        if not state.listed:
-            self._work.list_writer(state)
-        state.retired_bytes += 16
-        goal = self._wr_seq  # the bug: must be self._wr_seq + 2
-        state.pending.extend((goal, release, obj, 16))
-        return goal
+    def _take_goal(self, counter: Any) -> int:
+        return self._wr_seq  # the bug: must be self._wr_seq + 2 (or an advance)
 
 
 def make_scenario(
@@ -253,7 +247,7 @@ def late_reader_scenario(
         h1.call(d.unregister)
         h0.stop()
         h1.stop()
-        d._scanner = scan_class(d._registry, step=1)
+        d._set_scanner(lambda registry: scan_class(registry, step=1))
         instrument(d, sched)
         shared = [Resource(0)]
 

@@ -1,4 +1,4 @@
-"""Issue 3: the registry and the incremental rd_seq scan.
+"""The registry and the incremental rd_seq scan (docs/design.md, "Limitations").
 
 Timing claims live in benchmarks/bench_scale.py; these tests check the
 behaviour that makes them possible, and that safety does not depend on the
@@ -7,57 +7,62 @@ strategy."""
 from __future__ import annotations
 
 import gc
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import qsbr
-from conftest import STEP_TIMEOUT, Worker
+from helpers import STEP_TIMEOUT, Deadline, ParkedReaders, Worker, wait_until
 from qsbr.scan import IncrementalScan
 
-# Parked attached threads, shared with the benchmark that times them.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_scale import Parked  # noqa: E402
+
+def with_step(step: int) -> tuple[qsbr.Domain, IncrementalScan]:
+    """A domain whose incremental scan examines ``step`` slots per poll."""
+    made: list[IncrementalScan] = []
+
+    def make(registry: Any) -> IncrementalScan:
+        made.append(IncrementalScan(registry, step=step))
+        return made[-1]
+
+    d = qsbr.Domain(scan="incremental")
+    d._set_scanner(make)
+    return d, made[0]
 
 
 @pytest.fixture
-def small_steps() -> Iterator[qsbr.Domain]:
-    d = qsbr.Domain(scan="incremental")
-    scanner = d._scanner
-    assert isinstance(scanner, IncrementalScan)
-    scanner.step = 4
-    yield d
+def small_steps() -> Iterator[tuple[qsbr.Domain, IncrementalScan]]:
+    d, scanner = with_step(4)
+    yield d, scanner
     d.close()
 
 
 def test_scan_strategy_is_selectable() -> None:
     assert qsbr.Domain().scan == "incremental"
     assert qsbr.Domain(scan="flat").scan == "flat"
-    with pytest.raises(ValueError, match="scan must be one of"):
+    with pytest.raises(ValueError, match='scan must be "incremental" or "flat"'):
         qsbr.Domain(scan="tree")
 
 
-def test_pass_spread_across_polls_waits_for_every_thread(small_steps: qsbr.Domain) -> None:
-    d = small_steps
-    readers = Parked(d, 30)  # 30 slots, 4 per poll
+def test_pass_spread_across_polls_waits_for_every_thread(
+    small_steps: tuple[qsbr.Domain, IncrementalScan],
+) -> None:
+    d, _ = small_steps
+    readers = ParkedReaders(d, 30)  # 30 slots, 4 per poll
     try:
         d.register()
         released: list[int] = []
         d.retire(1, released.append)
         d.quiescent()
-        for _ in range(40):
+        for _ in range(40):  # 40 polls: several whole passes
             d.poll()
         assert released == []  # nobody quiesced after the retirement
         # A pass needs every reader to quiesce after it began: drive rounds.
-        for _ in range(2000):
-            if released:
-                break
+        deadline = Deadline()
+        while not released and deadline:
             readers.start_round()
             d.quiescent()
             d.poll()
@@ -68,25 +73,25 @@ def test_pass_spread_across_polls_waits_for_every_thread(small_steps: qsbr.Domai
         readers.close()
 
 
-def test_poll_behind_an_unmoved_laggard_does_no_scan(small_steps: qsbr.Domain) -> None:
-    d = small_steps
-    readers = Parked(d, 20)
+def test_poll_behind_an_unmoved_laggard_does_no_scan(
+    small_steps: tuple[qsbr.Domain, IncrementalScan],
+) -> None:
+    d, scanner = small_steps
+    readers = ParkedReaders(d, 20)
     try:
         d.advance()
         for _ in range(10):  # complete a pass: the readers hold rd_seq at 1
             d.poll()
         scans = d.stats().scans
-        scanner: Any = d._scanner
         for _ in range(100):
             assert not d.poll(d.wr_seq)
         # No new pass was started: the laggard has not moved.
         assert d.stats().scans == scans
-        assert scanner._in_pass is False  # 20 readers, 4 a poll: a started pass would still run
+        assert scanner.in_pass is False  # 20 readers, 4 a poll: a started pass would still run
         readers.start_round()
         # Once it moves, passes resume and rd_seq catches up.
-        for _ in range(2000):
-            if d.poll(d.wr_seq):
-                break
+        deadline = Deadline()
+        while not d.poll(d.wr_seq) and deadline:
             readers.start_round()
             time.sleep(0.002)
         assert d.goal_reached(d.wr_seq)
@@ -95,14 +100,12 @@ def test_poll_behind_an_unmoved_laggard_does_no_scan(small_steps: qsbr.Domain) -
         readers.close()
 
 
-def test_thread_arriving_behind_the_cursor_cannot_lose_its_resource(small_steps: qsbr.Domain) -> None:
+def test_thread_arriving_behind_the_cursor_cannot_lose_its_resource() -> None:
     """A thread registers into a slot the pass already examined, with an old
     wr_seq, and loads the resource; every thread the pass examines later moves
     past the resource's goal. The pass result is capped at the wr_seq it read
     when it began, so the resource is not released under the late thread."""
-    d = small_steps
-    scanner: Any = d._scanner
-    scanner.step = 1
+    d, scanner = with_step(1)
     early, reader, writer, late = Worker("early"), Worker("reader"), Worker("writer"), Worker("late")
     try:
         early.call(d.register)  # slot 0
@@ -110,7 +113,7 @@ def test_thread_arriving_behind_the_cursor_cannot_lose_its_resource(small_steps:
         writer.call(d.register)  # slot 2
         early.call(d.unregister)  # slot 0 free
         d.poll()  # the pass starts at wr_seq 1 and examines slot 0 (empty)
-        assert scanner._in_pass and scanner._cursor == 1
+        assert scanner.in_pass and scanner.cursor == 1
         box = ["R"]
         late.call(d.register)  # reuses slot 0, behind the cursor, seq = 1
         held = late.call(lambda: box[0])  # and loads the resource
@@ -126,7 +129,7 @@ def test_thread_arriving_behind_the_cursor_cannot_lose_its_resource(small_steps:
         reader.call(d.quiescent)
         d.poll()  # examines slot 1 (reader, past the goal)
         d.poll()  # slot 2 (writer, past the goal): the pass completes
-        assert not scanner._in_pass
+        assert not scanner.in_pass
         assert d.rd_seq == 1  # capped at the wr_seq the pass began with
         assert released == [] and held == "R"
         for w in (late, reader, writer):
@@ -139,6 +142,7 @@ def test_thread_arriving_behind_the_cursor_cannot_lose_its_resource(small_steps:
     finally:
         for w in (early, reader, writer, late):
             w.stop()
+        d.close()
 
 
 @pytest.mark.timeout(300)
@@ -167,13 +171,8 @@ def test_ten_thousand_threads_come_and_go_without_leaking(domain: qsbr.Domain) -
             t.join(timeout=STEP_TIMEOUT)
     gc.collect()
     assert len(refs) == total
-    deadline_ok = False
-    for _ in range(1000):
-        if len(domain._registry) == 0:
-            deadline_ok = True
-            break
-        time.sleep(0.005)
-    assert deadline_ok, len(domain._registry)
+    # Threads that exited registered are unregistered as they are torn down.
+    assert wait_until(lambda: domain.stats().threads == 0), domain.stats().threads
     # Slots were reused: capacity is bounded by the threads alive at once
     # (plus stragglers still tearing down), not by the 10,000 that came.
     assert domain._registry.capacity <= 4 * concurrent

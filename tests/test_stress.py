@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import qsbr
+from helpers import domain_that_ignores_readers
 
 HOLD = 50
 SECONDS = float(os.environ.get("QSBR_STRESS_SECONDS", "2.0"))
@@ -38,16 +39,6 @@ class Box:
 
     def __init__(self, r: Resource) -> None:
         self.current = r
-
-
-class IgnoresReaders(qsbr.Domain):
-    """Deliberately broken: rd_seq jumps to wr_seq, ignoring every reader."""
-
-    __slots__ = ()
-
-    def _scan(self, caller: Any, full: bool = False) -> tuple[int, bool]:
-        self._rd_seq = self._wr_seq
-        return self._wr_seq, False
 
 
 def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Resource], list[int]]:
@@ -142,7 +133,7 @@ def test_the_stress_test_catches_a_domain_that_ignores_readers() -> None:
     """The check above can fail: a domain that ignores readers is caught."""
     failures: list[str] = []
     for _ in range(5):  # a race: a few rounds make a miss vanishingly unlikely
-        failures, _, _ = run_stress(IgnoresReaders(deferred_limit=1), 1.0)
+        failures, _, _ = run_stress(domain_that_ignores_readers(deferred_limit=1), 1.0)
         if failures:
             break
     assert failures, "the stress harness did not notice releases under live readers"

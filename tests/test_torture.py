@@ -21,9 +21,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from test_stress import IgnoresReaders
 
 import qsbr
+from helpers import domain_that_ignores_readers
 
 SECONDS = float(os.environ.get("QSBR_TORTURE_SECONDS", "1.5"))
 PIPELINE = 3  # grace periods a version lives through after it is unlinked
@@ -134,7 +134,7 @@ def test_torture_catches_a_domain_that_ignores_readers() -> None:
     """The bound can fail: a broken domain shows readers aged versions."""
     histogram: Counter[Any] = Counter()
     for _ in range(5):
-        histogram, _, _ = torture(IgnoresReaders(deferred_limit=1), 1.0)
+        histogram, _, _ = torture(domain_that_ignores_readers(deferred_limit=1), 1.0)
         if set(histogram) - {0}:
             break
     assert set(histogram) - {0}, f"the torture test missed a broken domain: {dict(histogram)}"

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from .buffer_pool import BufferPool, ClassStats, PoolStats
 from .cell import Cell
-from .domain import Domain, default_domain, estimate_size
+from .domain import Domain, default_domain
 from .errors import NotRegisteredError, PendingLimitError
 from .executor import ThreadPoolExecutor
 from .shared_array import SharedArray
+from .sizes import estimate_size
 from .stall import StallReport
 from .stats import DomainStats
 from .thread_state import ThreadHandle

@@ -1,11 +1,14 @@
-"""Locks of the structures, made usable again in a child of os.fork().
+"""Repair after os.fork(): one mechanism for the domains and the structures.
 
 Only the forking thread survives a fork. A lock that another thread held at
-that instant stays held forever in the child. Domain repairs itself
-(domain.py). Cell, BufferPool and SharedArray register here and get fresh
-locks in the child. Their data is as the fork found it: a writer that was
-half-way through an update in another thread did not finish it, as with any
-object shared across a fork.
+that instant stays held forever in the child, and the other threads'
+registrations name threads that no longer exist. Every Domain, Cell,
+BufferPool and SharedArray calls ``track(self)`` when it is made; in the
+child, each one's ``_after_fork_in_child()`` runs. A domain keeps only the
+forking thread's registration and adopts the others' backlogs (domain.py);
+the structures get fresh locks, and their data is as the fork found it: a
+writer that was half-way through an update in another thread did not
+finish it, as with any object shared across a fork.
 """
 
 from __future__ import annotations

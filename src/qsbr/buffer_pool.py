@@ -46,7 +46,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _fork
-from .domain import Domain, default_domain
+from .domain import Domain, domain_or_default
+from .options import check_int, check_optional_int
 
 __all__ = ["BufferPool", "PoolStats", "ClassStats"]
 
@@ -120,25 +121,20 @@ class BufferPool:
         debug: bool = False,
         domain: Domain | None = None,
     ) -> None:
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
-            raise ValueError(f"page_size must be an int > 0, got {page_size!r}")
+        page_size = check_int("page_size", page_size, 1)
         try:
-            classes = sorted(set(size_classes))
+            given = list(size_classes)
         except TypeError:
-            raise TypeError("size_classes must be an iterable of ints") from None
-        if not classes:
+            raise TypeError(
+                f"size_classes must be an iterable of ints, not {type(size_classes).__name__}"
+            ) from None
+        if not given:
             raise ValueError("size_classes must not be empty")
-        for c in classes:
-            if isinstance(c, bool) or not isinstance(c, int) or not 0 < c <= page_size:
-                raise ValueError(f"every size class must be an int in 1..page_size ({page_size}), got {c!r}")
-        if max_bytes is not None and (
-            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < page_size
-        ):
-            raise ValueError(
-                f"max_bytes must be None or an int >= page_size ({page_size}), got {max_bytes!r}"
-            )
-        if domain is not None and not isinstance(domain, Domain):
-            raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
+        classes = sorted({check_int("each size class", c, 1) for c in given})
+        if classes[-1] > page_size:
+            raise ValueError(f"every size class must be <= page_size ({page_size}), got {classes[-1]}")
+        max_bytes = check_optional_int("max_bytes", max_bytes, page_size, "at least one page")
+        resolved = domain_or_default(domain)
         self._classes = classes
         self._largest = classes[-1]
         # nbytes -> size class, for the sizes up to 4 KiB (a list index is
@@ -149,7 +145,7 @@ class BufferPool:
         self._page_size = page_size
         self._max_bytes = max_bytes
         self._debug = bool(debug)
-        self._domain = domain if domain is not None else default_domain()
+        self._domain = resolved
         self._lock = threading.Lock()
         self._pages: list[_Page] = []
         self._free: dict[int, list[_Block]] = {c: [] for c in classes}
@@ -329,7 +325,7 @@ class BufferPool:
             # the caller let go of the view, without advancing; acquire()
             # polls with this goal, and poll() advances to it. Read under
             # the lock, so goals in each queue never decrease.
-            goal = self._domain._wr_seq + 2
+            goal = self._domain.wr_seq + 2
             block.goal = goal
             block.page.last_goal = goal
             self._in_use[block.size] -= 1

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from . import _fork
-from .domain import Domain, default_domain
+from .domain import Domain, domain_or_default
+from .options import check_callable
 
 __all__ = ["Cell"]
 
@@ -61,20 +62,14 @@ class Cell(Generic[T]):
     ) -> None:
         """``size(old)``, when given, is the bytes ``release(old)`` frees,
         for the domain's byte budget and cap (default: retire()'s estimate)."""
-        if release is not None and not callable(release):
-            raise TypeError(
-                f"release must be callable (e.g. Cell(model, release=Model.close)) or None, "
-                f"not {type(release).__name__}"
-            )
-        if domain is not None and not isinstance(domain, Domain):
-            raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
-        if size is not None and not callable(size):
-            raise TypeError(f"size must be callable(value) -> bytes, or None; not {type(size).__name__}")
+        check_callable("release", release, "callable (e.g. Cell(model, release=Model.close))")
+        check_callable("size", size, "callable(value) -> bytes")
+        resolved = domain_or_default(domain)
         _store = object.__setattr__
         _store(self, "value", value)
         _store(self, "_release", release)
         _store(self, "_size", size)
-        _store(self, "_domain", domain if domain is not None else default_domain())
+        _store(self, "_domain", resolved)
         _store(self, "_lock", threading.Lock())
         _store(self, "_closed", False)
         _fork.track(self)
@@ -148,7 +143,7 @@ class Cell(Generic[T]):
 
     def _retire(self, old: T, release: Callable[[T], Any]) -> None:
         size = self._size
-        self._domain._retire_any(old, release, None if size is None else size(old))
+        self._domain._retire_from_any_thread(old, release, None if size is None else size(old))
 
     def _swap(self, new: T) -> T:
         with self._lock:  # writers serialize: see the module docstring

@@ -1,7 +1,7 @@
 """Deferred work: the design's "deferred-free list", one per thread.
 
 As in CPython, every registered thread keeps its own list of pending
-releases (``ThreadState.pending``); retire() appends to the caller's list
+releases (``ThreadState.deferred``); retire() appends to the caller's list
 and takes no lock. A list is flat: four entries (an *entry*) per release,
 
     [goal, fn, arg, size,  goal, fn, arg, size,  ...]   a release is fn(arg)
@@ -15,11 +15,9 @@ after releasing it, so a release may call retire() or poll() again.
 
 Bytes are counted without a shared counter on the retire path: each thread
 adds to its own ``retired_bytes`` (before it appends), the lock-holding
-batch runner adds to ``released_bytes``, and ``pending_bytes`` is the
+batch runner adds to ``released_bytes``, and the pending bytes are the
 difference (never negative: a release is counted as retired before anyone
-can take it). When a hard cap is set (``max_pending``/``max_pending_bytes``)
-retire() first *reserves* room under ``_lock`` and the batch runner gives it
-back, so the capped totals are exact and never exceed the cap.
+can take it). The hard cap (admission.py) is told what each batch freed.
 
 Invariants:
 * Only the owning thread appends to its list; only a poller holding
@@ -46,14 +44,18 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from .thread_state import ThreadState
 
-__all__ = ["DeferredWork", "ErrorHandler", "call_no_arg", "Call", "ENTRY"]
+__all__ = ["DeferredWork", "WorkCounts", "ErrorHandler", "call_no_arg", "Call", "ENTRY"]
 
-ErrorHandler = Callable[[BaseException, Any], None]
+ErrorHandler = Callable[[BaseException, Any], object]
+#: Told (releases, bytes) each time a batch has run, and what a fork dropped.
+FreedHook = Callable[[int, int], None]
 
 #: List slots per pending release: goal, fn, arg, size.
 ENTRY = 4
@@ -95,10 +97,6 @@ def _ready_prefix(buf: list[Any], n: int, rd_seq: int) -> int:
     return ENTRY * lo
 
 
-def _bytes_of(chunk: list[Any]) -> int:
-    return sum(chunk[3::ENTRY])
-
-
 class Batch:
     """Entries taken together; run by exactly one thread."""
 
@@ -107,17 +105,31 @@ class Batch:
     def __init__(self, chunks: list[list[Any]], remaining: int, min_goal: int, bid: int) -> None:
         self.chunks = chunks
         self.remaining = remaining  # releases not yet run (counted per chunk)
-        self.remaining_bytes = sum(_bytes_of(c) for c in chunks)
+        self.remaining_bytes = sum(sum(c[3::ENTRY]) for c in chunks)
         self.min_goal = min_goal
         self.bid = bid
+
+
+@dataclass(frozen=True)
+class WorkCounts:
+    """DeferredWork's counters, read together under its lock."""
+
+    pending: int
+    pending_bytes: int
+    peak_pending: int
+    peak_pending_bytes: int
+    released: int
+    released_bytes: int
+    errors: int
+    polls: int
+    failed_polls: int
 
 
 class DeferredWork:
     """Every pending release of one domain, and the batches being run."""
 
-    def __init__(self, max_pending: int | None = None, max_pending_bytes: int | None = None) -> None:
-        self._lock = threading.Lock()
-        self._batch_done = threading.Condition(self._lock)
+    def __init__(self) -> None:
+        self._on_freed: FreedHook | None = None
         self._adopted: list[list[Any]] = []
         #: Threads that have retired something; replaced, never mutated.
         self._writers: tuple[ThreadState, ...] = ()
@@ -129,7 +141,9 @@ class DeferredWork:
         self._next_batch_id = 0
         self.released = 0
         self.errors = 0
-        self.max_pending = 0
+        #: The largest backlog seen at a poll (the cap tracks its own, exact).
+        self.peak_pending = 0
+        self.peak_pending_bytes = 0
         #: poll() calls (each ends in one take_ready), and those that found
         #: work pending but nothing ready.
         self.polls = 0
@@ -138,38 +152,43 @@ class DeferredWork:
         #: freed by releases that have run. See the module docstring.
         self.departed_bytes = 0
         self.released_bytes = 0
-        self.max_pending_bytes = 0
-        # The hard cap (None = no cap) and what retire() has reserved of it.
-        self.cap_items = max_pending
-        self.cap_bytes = max_pending_bytes
-        self.capped = max_pending is not None or max_pending_bytes is not None
-        self.reserved_items = 0
-        self.reserved_bytes = 0
-        self._space = threading.Condition(self._lock)
-        self._space_waiters = 0
+        self.new_locks(threading.Lock)
 
-    def reset_after_fork(self, departed: Iterable[ThreadState]) -> None:
+    def new_locks(self, factory: Callable[[], Any]) -> None:
+        """Replace this part's lock with ``factory()`` (see Domain._new_locks)."""
+        self._lock = factory()
+        self._batch_done = threading.Condition(self._lock)
+
+    def set_freed_hook(self, on_freed: FreedHook) -> None:
+        """``on_freed(releases, bytes)`` is told after each batch has run,
+        outside the lock (the hard cap gives the room back)."""
+        self._on_freed = on_freed
+
+    def after_fork_in_child(self, departed: Iterable[ThreadState]) -> None:
         """In a forked child: adopt the backlogs of threads that did not
         survive; batches other threads were running died with them."""
-        self._lock = threading.Lock()
-        self._batch_done = threading.Condition(self._lock)
-        self._space = threading.Condition(self._lock)
-        self._space_waiters = 0
+        self.new_locks(threading.Lock)
         # Batches other threads were running in the parent ran there, not
         # here: they are gone from this process, and so are their bytes.
+        dropped = dropped_bytes = 0
         for b in self._running.values():
-            self.released_bytes += b.remaining_bytes
-            if self.capped:
-                self.reserved_items -= b.remaining
-                self.reserved_bytes -= b.remaining_bytes
+            dropped += b.remaining
+            dropped_bytes += b.remaining_bytes
+        self.released_bytes += dropped_bytes
         self._running.clear()
         self._waiters = 0
         for st in departed:
             self._adopt_locked(st)
         for st in self._writers:  # the survivor: its list is its own again
             st.listed = True
+        if dropped and self._on_freed is not None:
+            self._on_freed(dropped, dropped_bytes)
 
-    # -- taking over a departing thread's backlog --------------------------
+    def _lists(self) -> Iterator[list[Any]]:
+        """Every deferred-free list: the writers' own, then the adopted ones."""
+        return chain([st.deferred for st in self._writers], self._adopted)
+
+    # -- who retires, and taking over a departing thread's backlog --------
 
     def list_writer(self, state: ThreadState) -> None:
         """Called by a thread's first retire(): polls visit it from now on."""
@@ -178,18 +197,17 @@ class DeferredWork:
                 state.listed = True
                 self._writers = (*self._writers, state)
 
-    def push_orphan(self, wr_seq: Callable[[], int], fn: Callable[[Any], Any], arg: Any, size: int) -> int:
+    def push_orphan(
+        self, read_wr_seq: Callable[[], int], fn: Callable[[Any], Any], arg: Any, size: int
+    ) -> int:
         """Queue a release for a thread with no ThreadState (see _orphans).
 
         The goal (wr_seq + 2) is read and the entry appended under _lock, so
         goals in this shared list never decrease, as in a per-thread list."""
         with self._lock:
-            goal = wr_seq() + 2
+            goal = read_wr_seq() + 2
             orphans = self._orphans
             self.departed_bytes += size
-            if self.capped:  # admitted over the cap: see Domain._admit
-                self.reserved_items += 1
-                self.reserved_bytes += size
             orphans.extend((goal, fn, arg, size))
             if not any(b is orphans for b in self._adopted):
                 self._adopted.append(orphans)
@@ -203,70 +221,32 @@ class DeferredWork:
         if state.listed:
             state.listed = False
             self._writers = tuple(w for w in self._writers if w is not state)
-        buf, state.pending = state.pending, []
+        buf, state.deferred = state.deferred, []
         # Its bytes now belong to the domain (the thread adds no more).
         self.departed_bytes += state.retired_bytes
         state.retired_bytes = 0
         if buf:
             self._adopted.append(buf)
 
-    # -- the hard cap ----------------------------------------------------------
-
-    def try_reserve(self, size: int, force: bool = False) -> bool:
-        """Reserve room for one release of ``size`` bytes under the cap."""
-        with self._lock:
-            items = self.reserved_items + 1
-            nbytes = self.reserved_bytes + size
-            if not force and (
-                (self.cap_items is not None and items > self.cap_items)
-                or (self.cap_bytes is not None and nbytes > self.cap_bytes)
-            ):
-                return False
-            self.reserved_items = items
-            self.reserved_bytes = nbytes
-            if nbytes > self.max_pending_bytes:
-                self.max_pending_bytes = nbytes
-            if items > self.max_pending:
-                self.max_pending = items
-            return True
-
-    def wait_for_space(self, timeout: float) -> None:
-        """Sleep until a batch frees something, or ``timeout`` seconds."""
-        with self._lock:
-            self._space_waiters += 1
-            try:
-                self._space.wait(timeout)
-            finally:
-                self._space_waiters -= 1
-
-    def reserved(self) -> tuple[int, int]:
-        with self._lock:
-            return self.reserved_items, self.reserved_bytes
-
     # -- observers ---------------------------------------------------------
 
-    def pending(self) -> int:
+    def count(self) -> int:
         """Scheduled releases not yet run."""
         with self._lock:  # _running and _adopted change only under it
-            return self._pending_locked()
+            return self._count_locked()
 
-    def _pending_locked(self) -> int:
-        n = 0
-        for st in self._writers:
-            n += len(st.pending)
-        for buf in self._adopted:
-            n += len(buf)
-        n //= ENTRY
+    def _count_locked(self) -> int:
+        n = sum(len(buf) for buf in self._lists()) // ENTRY
         for b in self._running.values():
             n += b.remaining
         return n
 
-    def pending_bytes(self) -> int:
+    def count_bytes(self) -> int:
         """Bytes the pending releases will free (sizes given to retire())."""
         with self._lock:
-            return self._pending_bytes_locked()
+            return self._count_bytes_locked()
 
-    def _pending_bytes_locked(self) -> int:
+    def _count_bytes_locked(self) -> int:
         # released_bytes only moves under _lock, and every thread adds to its
         # retired_bytes before the entry can be taken: the difference is >= 0.
         retired = self.departed_bytes
@@ -274,11 +254,28 @@ class DeferredWork:
             retired += st.retired_bytes
         return retired - self.released_bytes
 
+    def counts(self) -> WorkCounts:
+        """Every counter, read together."""
+        with self._lock:
+            pending = self._count_locked()
+            pending_bytes = self._count_bytes_locked()
+            return WorkCounts(
+                pending=pending,
+                pending_bytes=pending_bytes,
+                peak_pending=max(self.peak_pending, pending),
+                peak_pending_bytes=max(self.peak_pending_bytes, pending_bytes),
+                released=self.released,
+                released_bytes=self.released_bytes,
+                errors=self.errors,
+                polls=self.polls,
+                failed_polls=self.failed_polls,
+            )
+
     def oldest_goal(self) -> int:
         """The smallest goal pending or running (0 when nothing is)."""
         with self._lock:
             oldest = 0
-            for buf in [st.pending for st in self._writers] + self._adopted:
+            for buf in self._lists():
                 if buf and (not oldest or buf[0] < oldest):
                     oldest = buf[0]
             for b in self._running.values():
@@ -287,19 +284,22 @@ class DeferredWork:
             return oldest
 
     def newest_goal(self) -> int:
-        """The largest goal pending (0 when nothing is). Unlocked, best effort."""
+        """The largest goal pending (0 when nothing is). Unlocked, best
+        effort: a list read while an owner appends or a poller takes from it
+        gives its old or its new last goal, both of which were pending."""
         newest = 0
         for st in self._writers:
             try:
-                g = st.pending[-ENTRY]
+                g = st.deferred[-ENTRY]
             except IndexError:
                 continue
             if g > newest:
                 newest = g
-        for buf in self._adopted[:]:
+        adopted = self._adopted
+        for i in range(len(adopted)):
             try:
-                g = buf[-ENTRY]
-            except IndexError:
+                g = adopted[i][-ENTRY]
+            except IndexError:  # emptied (or the list shrank) meanwhile
                 continue
             if g > newest:
                 newest = g
@@ -308,7 +308,7 @@ class DeferredWork:
     def has_pending_up_to(self, goal: int) -> bool:
         """Whether any release with goal <= ``goal`` is queued or running."""
         with self._lock:
-            for buf in [st.pending for st in self._writers] + self._adopted:
+            for buf in self._lists():
                 if buf and buf[0] <= goal:
                     return True
             return any(b.min_goal <= goal for b in self._running.values())
@@ -327,23 +327,25 @@ class DeferredWork:
     # -- consumers -----------------------------------------------------------
 
     def take_ready(
-        self, rd_seq: int, alone: ThreadState | None, is_poll: bool = False
+        self, rd_seq: int, *, not_shared: ThreadState | None = None, count_as_poll: bool = False
     ) -> tuple[Batch | None, int]:
         """Take every release whose goal <= rd_seq into a new batch.
 
         Returns (the batch or None, how many releases are left pending
-        besides it). ``alone`` is the design's "not shared" fast path: the
-        caller is the only attached thread, so nobody can still hold what the
-        caller itself unlinked and retired; its whole list is taken.
+        besides it). ``not_shared`` is the design's "not shared" fast path:
+        the calling thread, when it is the only attached thread; nobody can
+        still hold what it unlinked and retired itself, so its whole list is
+        taken. ``count_as_poll``: count this call in polls/failed_polls.
         """
         with self._lock:
-            chunks: list[list[Any]] = []
+            chunks: list[list[Any]] | None = None
             taken = waiting = min_goal = 0
-            for buf in [st.pending for st in self._writers] + self._adopted:
+            own = not_shared.deferred if not_shared is not None else None
+            for buf in self._lists():
                 n = len(buf)  # the owner may append past n meanwhile
                 if not n:
                     continue
-                if buf[n - ENTRY] <= rd_seq or (alone is not None and buf is alone.pending):
+                if buf[n - ENTRY] <= rd_seq or buf is own:
                     j = n  # goals never decrease: all of buf[:n] is ready
                 else:
                     j = _ready_prefix(buf, n, rd_seq)
@@ -352,6 +354,8 @@ class DeferredWork:
                         continue
                 chunk = buf[:j]
                 del buf[:j]
+                if chunks is None:
+                    chunks = []
                 chunks.append(chunk)
                 taken += j
                 if chunk[0] < min_goal or not min_goal:
@@ -361,17 +365,18 @@ class DeferredWork:
             waiting //= ENTRY
             for b in self._running.values():
                 waiting += b.remaining
-            if is_poll:
+            if count_as_poll:
                 self.polls += 1
                 if not taken and waiting:
                     self.failed_polls += 1
             taken //= ENTRY
-            if waiting + taken > self.max_pending:
-                self.max_pending = waiting + taken
-            nbytes = self._pending_bytes_locked()
-            if nbytes > self.max_pending_bytes:
-                self.max_pending_bytes = nbytes
-            if not taken:
+            if waiting + taken > self.peak_pending:
+                self.peak_pending = waiting + taken
+            if taken or waiting:
+                nbytes = self._count_bytes_locked()
+                if nbytes > self.peak_pending_bytes:
+                    self.peak_pending_bytes = nbytes
+            if chunks is None:
                 return None, waiting
             bid = self._next_batch_id
             self._next_batch_id = bid + 1
@@ -419,11 +424,16 @@ class DeferredWork:
                 self.released_bytes += freed
                 batch.remaining_bytes -= freed
                 self.errors += errors
-                if self.capped:
-                    self.reserved_items -= ran
-                    self.reserved_bytes -= freed
-                if self._space_waiters:
-                    self._space.notify_all()
                 if self._waiters:  # notify_all is not free: only when barrier() waits
                     self._batch_done.notify_all()
+            if self._on_freed is not None and ran:
+                self._on_freed(ran, freed)
         return ran
+
+    def count_release(self, failed: bool) -> None:
+        """Count a release that ran outside any batch: one too big for the
+        hard cap, run by retire() itself (admission.py). It never entered a
+        list, so it is not in the byte totals."""
+        with self._lock:
+            self.released += 1
+            self.errors += failed

@@ -105,9 +105,9 @@ class Tick:
     grace_periods_per_s: float
     releases: int
     pending: int
-    max_pending: int
+    peak_pending: int
     pending_bytes: int
-    max_pending_bytes: int
+    peak_pending_bytes: int
     cap_bytes: int | None
     full_waits: int
     stalls: list[StallReport]
@@ -138,7 +138,7 @@ class PlainView:
         line = (
             f"  {t.elapsed:5.1f}s  reads/s {t.reads_per_s:>11,.0f}  swaps {t.swaps:>6,}  "
             f"grace periods/s {t.grace_periods_per_s:>6,.0f}  releases {t.releases:>6,}  "
-            f"backlog {t.pending:>3} ({_mib(t.pending_bytes)}, max {_mib(t.max_pending_bytes)}"
+            f"backlog {t.pending:>3} ({_mib(t.pending_bytes)}, max {_mib(t.peak_pending_bytes)}"
         )
         if t.cap_bytes is not None:
             line += f" of cap {_mib(t.cap_bytes)}"
@@ -183,9 +183,9 @@ class RichView:
         table.add_row("swaps", f"{t.swaps:,}")
         table.add_row("grace periods/s", f"{t.grace_periods_per_s:,.0f}")
         table.add_row("releases", f"{t.releases:,}")
-        table.add_row("backlog (items)", f"{t.pending:,}  (max {t.max_pending:,})")
+        table.add_row("backlog (items)", f"{t.pending:,}  (peak {t.peak_pending:,})")
         cap = "" if t.cap_bytes is None else f" of cap {_mib(t.cap_bytes)}"
-        table.add_row("backlog (bytes)", f"{_mib(t.pending_bytes)}  (max {_mib(t.max_pending_bytes)}{cap})")
+        table.add_row("backlog (bytes)", f"{_mib(t.pending_bytes)}  (peak {_mib(t.peak_pending_bytes)}{cap})")
         if t.cap_bytes is not None:
             table.add_row("writer waits at the cap", f"{t.full_waits:,}")
         stall_text = "none"
@@ -323,9 +323,9 @@ def run_demo(
                         grace_periods_per_s=(s.grace_periods - last_gp) / dt,
                         releases=s.releases,
                         pending=s.pending,
-                        max_pending=s.max_pending,
+                        peak_pending=s.peak_pending,
                         pending_bytes=s.pending_bytes,
-                        max_pending_bytes=s.max_pending_bytes,
+                        peak_pending_bytes=s.peak_pending_bytes,
                         cap_bytes=cap,
                         full_waits=s.full_waits,
                         stalls=list(stalls),
@@ -353,8 +353,8 @@ def run_demo(
         reads=sum(reads),
         swaps=swaps,
         releases=s.releases,
-        max_backlog=s.max_pending,
-        max_backlog_bytes=s.max_pending_bytes,
+        max_backlog=s.peak_pending,
+        max_backlog_bytes=s.peak_pending_bytes,
         cap_bytes=cap,
         stalls=list(stalls),
         expected_stall="reader-0" if stall else None,

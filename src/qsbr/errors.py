@@ -22,6 +22,14 @@ class NotRegisteredError(RuntimeError):
     ``Domain.register()`` (or enter ``with domain.registered():``).
     """
 
+    @classmethod
+    def for_call(cls, what: str) -> NotRegisteredError:
+        """The error for ``what()`` called from an unregistered thread."""
+        return cls(
+            f"{what}() needs the calling thread to be registered: call "
+            "domain.register() first (or use `with domain.registered():`)"
+        )
+
 
 class PendingLimitError(RuntimeError):
     """retire() would take the backlog past the domain's hard cap.

@@ -20,7 +20,7 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .domain import Domain, default_domain
+from .domain import Domain, domain_or_default
 
 __all__ = ["ThreadPoolExecutor"]
 
@@ -55,9 +55,7 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
     def __init__(
         self, max_workers: int | None = None, *, domain: Domain | None = None, **kwargs: Any
     ) -> None:
-        if domain is not None and not isinstance(domain, Domain):
-            raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
-        self._qsbr_domain = domain if domain is not None else default_domain()
+        self._qsbr_domain = domain_or_default(domain)
         initializer = kwargs.pop("initializer", None)
         initargs = tuple(kwargs.pop("initargs", ()))
         if initializer is not None and not callable(initializer):

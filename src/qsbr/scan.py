@@ -1,10 +1,10 @@
-"""The thread registry, and the scans that compute rd_seq from it.
+"""The scans that compute rd_seq from the thread registry (the design's poll_scan).
 
 The design: "The minimum read sequence value across all active threads is
 calculated and stored as the global rd_seq", leaving out detached threads.
 Its "Limitations" section warns that scanning every thread "could become a
-bottleneck ... (e.g., >1,000)" threads. This module keeps the registry and
-offers two ways to compute the minimum:
+bottleneck ... (e.g., >1,000)" threads. This module offers two ways to
+compute the minimum over the registry (registry.py):
 
 ``FlatScan`` (``Domain(scan="flat")``)
     The design's own: one pass over every thread on every poll. O(threads)
@@ -18,10 +18,7 @@ offers two ways to compute the minimum:
     minimum (the *laggard*) has not moved since, a new pass could not find
     a larger minimum, so none is started.
 
-The registry is a list of slots with a free list: register() and
-unregister() are O(1) amortized, slots are reused (as CPython reuses thread
-state slots), and 10,000 threads coming and going leave no garbage behind.
-Scanners read the slot list without a lock.
+Both read the registry's slot list without a lock.
 
 Safety of a scan that runs while threads come and go (both strategies):
 
@@ -45,69 +42,31 @@ Safety of a scan that runs while threads come and go (both strategies):
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from .registry import Registry
 from .thread_state import ThreadState
 
-__all__ = ["Registry", "FlatScan", "IncrementalScan", "SCAN_STRATEGIES", "Scanner"]
+__all__ = ["FlatScan", "IncrementalScan", "SCAN_STRATEGIES", "Scanner"]
 
 
-class Registry:
-    """Registered threads in reusable slots."""
+class Scanner(Protocol):
+    """What Domain needs of an rd_seq strategy (a seam: tests inject broken
+    ones through Domain._set_scanner)."""
 
-    __slots__ = ("_lock", "slots", "_free", "_count")
+    name: str
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        #: Slot i holds a ThreadState or None. Only grows; read without a lock.
-        self.slots: list[ThreadState | None] = []
-        self._free: list[int] = []
-        self._count = 0
+    def scan(self, wr_seq: int, caller: ThreadState | None, full: bool = False) -> tuple[int | None, bool]:
+        """(the minimum seq over attached threads, capped at ``wr_seq``, when
+        a pass completed in this call, else None; whether ``caller`` is the
+        only attached thread, claimed only for a pass that began and ended
+        in this call). ``wr_seq`` must have been read before the call."""
+        ...
 
-    def add(self, state: ThreadState) -> None:
-        with self._lock:
-            if self._free:
-                i = self._free.pop()
-                self.slots[i] = state
-            else:
-                i = len(self.slots)
-                self.slots.append(state)
-            state.slot = i
-            self._count += 1
+    def new_locks(self, factory: Callable[[], Any]) -> None: ...
 
-    def remove(self, state: ThreadState) -> bool:
-        """Free ``state``'s slot; False when it was not registered."""
-        with self._lock:
-            i = state.slot
-            if i < 0 or i >= len(self.slots) or self.slots[i] is not state:
-                return False
-            self.slots[i] = None
-            state.slot = -1
-            self._free.append(i)
-            self._count -= 1
-            return True
-
-    def reset(self, keep: ThreadState | None) -> None:
-        """After fork: only the forking thread survives in the child."""
-        self._lock = threading.Lock()
-        self.slots = [keep] if keep is not None else []
-        self._free = []
-        self._count = 1 if keep is not None else 0
-        if keep is not None:
-            keep.slot = 0
-
-    def __iter__(self) -> Iterator[ThreadState]:
-        for st in self.slots[:]:
-            if st is not None:
-                yield st
-
-    def __len__(self) -> int:
-        return self._count
-
-    @property
-    def capacity(self) -> int:
-        """Slots allocated: the largest number of threads registered at once."""
-        return len(self.slots)
+    def after_fork_in_child(self) -> None: ...
 
 
 class FlatScan:
@@ -118,7 +77,10 @@ class FlatScan:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    def reset(self) -> None:
+    def new_locks(self, factory: Callable[[], Any]) -> None:
+        pass  # a flat scan keeps no state between polls
+
+    def after_fork_in_child(self) -> None:
         pass
 
     def scan(self, wr_seq: int, caller: ThreadState | None, full: bool = False) -> tuple[int | None, bool]:
@@ -155,11 +117,30 @@ class IncrementalScan:
             raise ValueError("step must be >= 1")
         self.registry = registry
         self.step = step
-        self._lock = threading.Lock()
-        self.reset()
+        #: Guards the pass state below: one poller advances the pass at a
+        #: time (the others skip: a poll never waits on a scan).
+        self._lock: Any = threading.Lock()
+        self._forget_pass()
 
-    def reset(self) -> None:
+    def new_locks(self, factory: Callable[[], Any]) -> None:
+        self._lock = factory()
+
+    def after_fork_in_child(self) -> None:
+        """The registry was rebuilt: a pass in progress means nothing now."""
         self._lock = threading.Lock()
+        self._forget_pass()
+
+    @property
+    def in_pass(self) -> bool:
+        """Whether a pass is spread across polls now (it began in an earlier call)."""
+        return self._in_pass
+
+    @property
+    def cursor(self) -> int:
+        """The slot the pass in progress examines next."""
+        return self._cursor
+
+    def _forget_pass(self) -> None:
         self._in_pass = False
         self._cursor = 0
         self._lowest = 0
@@ -234,5 +215,5 @@ class IncrementalScan:
             self._lock.release()
 
 
-Scanner = FlatScan | IncrementalScan
-SCAN_STRATEGIES = {"flat": FlatScan, "incremental": IncrementalScan}
+#: Domain(scan=...) names, first the default.
+SCAN_STRATEGIES: dict[str, Callable[[Registry], Scanner]] = {"incremental": IncrementalScan, "flat": FlatScan}

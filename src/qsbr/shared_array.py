@@ -39,7 +39,7 @@ from typing import Any, cast, overload
 
 from . import _fork
 from .buffer_pool import BufferPool
-from .domain import Domain
+from .domain import Domain, check_domain
 
 __all__ = ["SharedArray"]
 
@@ -70,23 +70,23 @@ class _Storage:
 class SharedArray:
     """``SharedArray(typecode, *, pool=None, domain=None)``"""
 
-    __slots__ = ("_store", "_typecode", "_itemsize", "_pool", "_domain", "_lock", "_closed", "__weakref__")
+    __slots__ = ("_store", "_typecode", "_itemsize", "_pool", "_lock", "_closed", "__weakref__")
 
     def __init__(
         self, typecode: str, *, pool: BufferPool | None = None, domain: Domain | None = None
     ) -> None:
-        if not isinstance(typecode, str) or len(typecode) != 1 or typecode not in TYPECODES:
+        if not isinstance(typecode, str):
+            raise TypeError(f"typecode must be a str, one of {TYPECODES!r}; not {type(typecode).__name__}")
+        if len(typecode) != 1 or typecode not in TYPECODES:
             raise ValueError(f"typecode must be one of {TYPECODES!r} (as the array module), got {typecode!r}")
         if pool is not None and not isinstance(pool, BufferPool):
             raise TypeError(f"pool must be a qsbr.BufferPool or None, not {type(pool).__name__}")
-        if domain is not None and not isinstance(domain, Domain):
-            raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
+        check_domain(domain)
         if pool is not None and domain is not None and pool.domain is not domain:
             raise ValueError("the pool belongs to another domain: pass the pool's domain, or none")
         self._typecode = typecode
         self._itemsize = array.array(typecode).itemsize
         self._pool = pool
-        self._domain = pool.domain if pool is not None else domain
         self._lock = threading.Lock()
         self._closed = False
         self._store = self._allocate(INITIAL_CAPACITY)

@@ -22,6 +22,11 @@ hard cap, from the reclaimer, and from a small watchdog thread (started on
 a domain's first retirement when ``stall_timeout`` is set), at most every
 ``min(1 s, stall_timeout / 4)``; each is one pass over the registered
 threads, so its cost is spread over that interval, never on quiescent().
+
+The detector reads the registry, the oldest pending goal and the
+grace-period times through those parts' own methods, and wr_seq through
+the callables it is given; it holds no reference to the domain (so its
+watchdog thread, which holds it weakly, ends once the domain is gone).
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from typing import TYPE_CHECKING, Any
 from ._unraisable import report_unraisable
 
 if TYPE_CHECKING:
-    from .domain import Domain
+    from .deferred import DeferredWork
+    from .registry import Registry
     from .thread_state import ThreadState
+    from .timing import GraceTiming
 
 __all__ = ["StallReport", "StallDetector", "logger"]
 
@@ -93,105 +100,129 @@ def _stack_of(ident: int, frames: dict[int, Any]) -> str:
 class StallDetector:
     """The stall checks of one domain."""
 
-    def __init__(self, timeout: float | None, on_stall: Callable[[StallReport], object] | None) -> None:
+    def __init__(
+        self,
+        timeout: float | None,
+        on_stall: Callable[[StallReport], object] | None,
+        *,
+        registry: Registry,
+        work: DeferredWork,
+        timing: GraceTiming,
+        read_wr_seq: Callable[[], int],
+        advance: Callable[[], int],
+    ) -> None:
         self.timeout = timeout
         self.on_stall = on_stall
         self.interval = 1.0 if timeout is None else min(1.0, timeout / 4)
+        self._registry = registry
+        self._work = work
+        self._timing = timing
+        self._read_wr_seq = read_wr_seq
+        self._advance = advance
         # One checker at a time: two would report one stall twice.
-        self._lock = threading.Lock()
+        self._lock: Any = threading.Lock()
         self._next_check = 0.0
         self.reported = 0
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
 
+    def new_locks(self, factory: Callable[[], Any]) -> None:
+        self._lock = factory()
+
+    def after_fork_in_child(self) -> None:
+        """The watchdog thread did not survive the fork."""
+        self._lock = threading.Lock()
+        self._watchdog = None  # started again by the next retirement or failed poll
+
     # -- checks ---------------------------------------------------------
 
-    def maybe_check(self, domain: Domain) -> None:
+    def maybe_check(self) -> None:
         """A check, unless one ran within the interval or is running."""
         if self.timeout is None or time.monotonic() < self._next_check:
             return
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(False):
             return
         try:
-            self._check_locked(domain, report=True, every_stack=False)
+            self._check_locked(every_stack=False)
         finally:
             self._lock.release()
 
-    def current(self, domain: Domain) -> list[StallReport]:
+    def current(self) -> list[StallReport]:
         """Every thread stalled now (reported or not); reports new ones."""
         if self.timeout is None:
             return []
         with self._lock:
-            return self._check_locked(domain, report=True, every_stack=True)
+            return self._check_locked(every_stack=True)
 
-    def _check_locked(self, domain: Domain, report: bool, every_stack: bool) -> list[StallReport]:
-        """One pass over the threads. Stacks are formatted for new stalls
-        (they are logged), and for all of them when ``every_stack``."""
+    def holders(self) -> list[StallReport]:
+        """The attached threads that the oldest pending release waits on,
+        however long they have (for PendingLimitError); no stacks."""
+        oldest = self._work.oldest_goal()
+        wr = self._read_wr_seq()
+        need = min(oldest, wr) if oldest else 0
+        now = time.monotonic()
+        out = []
+        for st in list(self._registry):
+            seq = st.seq
+            if seq and seq < need:
+                since = self._timing.advanced_past(seq)
+                out.append(_report(st, seq, wr, 0.0 if since is None else now - since, ""))
+        return out
+
+    def _check_locked(self, every_stack: bool) -> list[StallReport]:
+        """One pass over the threads; reports the new stalls. Stacks are
+        formatted for new stalls (they are logged), and for all of them
+        when ``every_stack``."""
         timeout = self.timeout
         assert timeout is not None
         now = time.monotonic()
         self._next_check = now + self.interval
-        oldest = domain._work.oldest_goal()
+        oldest = self._work.oldest_goal()
         if not oldest:
             return []
-        wr = domain._wr_seq
+        wr = self._read_wr_seq()
         if oldest > wr:
             # A goal nobody advanced to yet (deferred advance): poll would
             # advance too; without it no thread could ever be seen lagging.
-            wr = domain.advance()
+            wr = self._advance()
         need = min(oldest, wr)
         stalled: list[tuple[ThreadState, StallReport]] = []
         frames: dict[int, Any] | None = None  # every thread's frame, fetched once per check
-        for st in list(domain._registry):
+        for st in list(self._registry):
             seq = st.seq
             if seq == 0 or seq >= need:  # detached, or not what releases wait on
                 continue
-            since = domain._advanced_past(seq)
+            since = self._timing.advanced_past(seq)
             if since is None or now - since < timeout:
                 continue
             want_stack = every_stack or st.stall_seq != seq
             if want_stack and frames is None:
                 frames = sys._current_frames()
-            stalled.append(
-                (
-                    st,
-                    StallReport(
-                        thread_name=st.name,
-                        thread_ident=st.ident,
-                        seq=seq,
-                        wr_seq=wr,
-                        grace_periods_behind=(wr - seq) // 2,
-                        stalled_for=now - since,
-                        stack=_stack_of(st.ident, frames) if want_stack and frames is not None else "",
-                    ),
-                )
-            )
-        if report:
-            for st, rep in stalled:
-                if st.stall_seq == rep.seq:  # this stall was reported already
-                    continue
-                st.stall_seq = rep.seq
-                self.reported += 1
-                logger.warning("%s", rep.message())
-                if self.on_stall is not None:
-                    try:
-                        self.on_stall(rep)
-                    except Exception as exc:
-                        report_unraisable(exc, self.on_stall, "Exception in qsbr on_stall callback")
+            stack = _stack_of(st.ident, frames) if want_stack and frames is not None else ""
+            stalled.append((st, _report(st, seq, wr, now - since, stack)))
+        for st, rep in stalled:
+            if st.stall_seq == rep.seq:  # this stall was reported already
+                continue
+            st.stall_seq = rep.seq
+            self.reported += 1
+            logger.warning("%s", rep.message())
+            if self.on_stall is not None:
+                try:
+                    self.on_stall(rep)
+                except Exception as exc:
+                    report_unraisable(exc, self.on_stall, "Exception in qsbr on_stall callback")
         return [rep for _, rep in stalled]
 
     # -- the watchdog thread ---------------------------------------------
 
-    def ensure_watchdog(self, domain: Domain) -> None:
+    def ensure_watchdog(self) -> None:
         """Start the watchdog thread if stall detection is on and none runs."""
         if self.timeout is None or self._watchdog is not None or self._stop.is_set():
             return
         with self._lock:
             if self._watchdog is not None:
                 return
-            t = threading.Thread(
-                target=_watch, args=(weakref.ref(domain), self), name="qsbr-watchdog", daemon=True
-            )
+            t = threading.Thread(target=_watch, args=(weakref.ref(self),), name="qsbr-watchdog", daemon=True)
             self._watchdog = t
             t.start()
 
@@ -201,17 +232,30 @@ class StallDetector:
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5.0)
 
-    def after_fork(self) -> None:
-        """In a forked child: the watchdog thread did not survive."""
-        self._lock = threading.Lock()
-        self._watchdog = None  # started again by the next retirement or failed poll
+
+def _report(st: ThreadState, seq: int, wr: int, stalled_for: float, stack: str) -> StallReport:
+    return StallReport(
+        thread_name=st.name,
+        thread_ident=st.ident,
+        seq=seq,
+        wr_seq=wr,
+        grace_periods_behind=(wr - seq) // 2,
+        stalled_for=stalled_for,
+        stack=stack,
+    )
 
 
-def _watch(domain_ref: weakref.ReferenceType[Domain], detector: StallDetector) -> None:
+def _watch(detector_ref: weakref.ReferenceType[StallDetector]) -> None:
     """The watchdog: a check every interval while the domain lives."""
-    while not detector._stop.wait(detector.interval):
-        domain = domain_ref()
-        if domain is None:
+    detector = detector_ref()
+    while detector is not None:
+        stop, interval = detector._stop, detector.interval
+        del detector  # do not keep the detector (and its domain) alive while sleeping
+        if stop.wait(interval):
             return
-        detector.maybe_check(domain)
-        del domain  # do not keep the domain alive while sleeping
+        detector = detector_ref()
+        if detector is not None:
+            try:
+                detector.maybe_check()
+            except ReferenceError:  # the domain went away during the check
+                return

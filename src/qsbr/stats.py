@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DomainStats"]
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .deferred import DeferredWork
+    from .reclaim import Reclamation
+    from .registry import Registry
+    from .stall import StallDetector
+    from .timing import GraceTiming
+
+__all__ = ["DomainStats", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -30,18 +38,18 @@ class DomainStats:
     #: Releases that have run, and those that raised.
     releases: int
     release_errors: int
-    #: Scheduled releases not yet run, and the largest backlog seen at a poll.
+    #: Scheduled releases not yet run, and the largest backlog seen (at
+    #: polls, and exactly at every retire() under a cap).
     pending: int
-    max_pending: int
+    peak_pending: int
     #: Registered threads, and how many of them are attached / detached.
     threads: int
     attached: int
     detached: int
     #: Bytes the pending releases free (sizes given to retire()), the most
-    #: seen (at polls, and exactly at every retire() under a cap), and the
-    #: bytes freed by releases that have run.
+    #: seen (as peak_pending), and the bytes freed by releases that have run.
     pending_bytes: int
-    max_pending_bytes: int
+    peak_pending_bytes: int
     released_bytes: int
     #: Seconds: the longest grace period (from an advance of wr_seq until
     #: rd_seq reached it), and the age of the one in progress (0 if none).
@@ -56,3 +64,51 @@ class DomainStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def snapshot(
+    *,
+    wr_seq: int,
+    advances: int,
+    registry: Registry,
+    work: DeferredWork,
+    reclaim: Reclamation,
+    timing: GraceTiming,
+    stalls: StallDetector,
+    admission: Admission | None,
+) -> DomainStats:
+    """Read every part's counters (each under its own lock) into one record."""
+    states = list(registry)
+    attached = sum(1 for s in states if s.seq)
+    counts = work.counts()
+    rd_seq = reclaim.rd_seq
+    current = timing.current(rd_seq)
+    peak, peak_bytes = counts.peak_pending, counts.peak_pending_bytes
+    if admission is not None:  # under a cap the reservations give the exact peak
+        peak = max(peak, admission.peak_items)
+        peak_bytes = max(peak_bytes, admission.peak_bytes)
+    return DomainStats(
+        wr_seq=wr_seq,
+        rd_seq=rd_seq,
+        advances=advances,
+        polls=counts.polls,
+        failed_polls=counts.failed_polls,
+        scans=reclaim.scans,
+        grace_periods=reclaim.grace_periods,
+        retired=counts.released + counts.pending,
+        releases=counts.released,
+        release_errors=counts.errors,
+        pending=counts.pending,
+        peak_pending=peak,
+        threads=len(states),
+        attached=attached,
+        detached=len(states) - attached,
+        pending_bytes=counts.pending_bytes,
+        peak_pending_bytes=peak_bytes,
+        released_bytes=counts.released_bytes,
+        longest_grace_period=max(timing.longest, current),
+        current_grace_period=current,
+        stalls=stalls.reported,
+        full_waits=admission.full_waits if admission is not None else 0,
+        limit_errors=admission.limit_errors if admission is not None else 0,
+    )

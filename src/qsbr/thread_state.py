@@ -8,33 +8,42 @@ in other threads only read it. That single-writer rule is what lets
 ``quiescent()`` be one plain store with no lock.
 
 A thread finds its state through the domain's ``threading.local``. The local
-holds, under the attribute ``q``, the object that ``quiescent()`` stores
-into: the ``ThreadState`` itself while the thread is attached, or a private
-``Sink`` while it is detached, so that a quiescent() call from a detached
-thread cannot silently re-attach it and costs no extra branch on the hot path.
+also holds, under ``report_to``, the object whose ``seq`` ``quiescent()``
+stores into: the ``ThreadState`` itself while the thread is attached, or a
+private ``Sink`` while it is detached. So a quiescent() call from a detached
+thread cannot silently re-attach it, and it costs no branch on the hot path.
 
 Invariant (kept by Domain.register/attach/detach/unregister):
-    tls.q is tls.state  <=>  tls.state.seq != 0  (the thread is attached)
-and the same for the thread's ThreadHandle: handle.q is tls.q while the
-thread is registered, and UNREGISTERED after.
+    tls.report_to is tls.state  <=>  tls.state.seq != 0  (the thread is attached)
+and the same for the thread's ThreadHandle: handle.report_to is
+tls.report_to while the thread is registered, and UNREGISTERED after.
+
+The hot path reads one field of the domain directly: ``ThreadHandle``'s
+``quiescent()`` loads ``domain._wr_seq``, the slot ``Domain.quiescent()``
+loads too. A property would double the cost of the call this class exists
+to make cheap; it is the only private member of the domain read here.
 
 A thread that exits while registered must not hold reclamation back forever
 (CPython's gh-130794). The local also holds an ``ExitSentinel``; when the
 thread ends, CPython clears the thread's locals, the sentinel is destroyed,
-and its ``__del__`` unregisters the state. This works on 3.11 and on
-free-threaded 3.13t (tests/test_threads.py checks it on both).
+and its ``__del__`` calls back into the domain, which unregisters the state.
+This works on 3.11 and on free-threaded 3.13t (tests/test_threads.py checks
+it on both).
 """
 
 from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from .errors import NotRegisteredError
 
 if TYPE_CHECKING:
     from .domain import Domain
 
-__all__ = ["ThreadState", "Sink", "ExitSentinel", "ThreadHandle"]
+__all__ = ["ThreadState", "Sink", "ExitSentinel", "ThreadHandle", "UNREGISTERED"]
 
 
 class Sink:
@@ -57,8 +66,6 @@ class _Unregistered:
 
     @seq.setter
     def seq(self, value: int) -> None:
-        from .errors import NotRegisteredError
-
         raise NotRegisteredError(
             "this ThreadHandle's thread is no longer registered: register() again and use the "
             "handle it returns (or domain.quiescent())"
@@ -73,22 +80,23 @@ class ThreadHandle:
 
     ``handle.quiescent()`` is ``domain.quiescent()`` without finding the
     thread's state through the domain's threading.local: one load of
-    wr_seq, one store into this thread's state. It costs about half as
-    much, and on free-threaded Python it reads one shared object fewer
-    (reads of shared objects are what contend there).
+    wr_seq, one store into this thread's state. On 3.11 it costs about half
+    as much; on free-threaded Python it reads one shared object fewer
+    (reads of shared objects are what contend there). docs/benchmarks.md
+    has the figures.
 
     A handle belongs to the thread that registered: never pass it to
     another thread (its store would be that thread's quiescent state, a
-    lie). Like tls.q, ``q`` is the ThreadState while the thread is attached
-    and its private Sink while it is detached (so quiescent() on a detached
-    thread does nothing), and UNREGISTERED once it has left (quiescent()
-    then raises NotRegisteredError).
+    lie). Like tls.report_to, ``report_to`` is the ThreadState while the
+    thread is attached and its private Sink while it is detached (so
+    quiescent() on a detached thread does nothing), and UNREGISTERED once
+    it has left (quiescent() then raises NotRegisteredError).
     """
 
-    __slots__ = ("q", "_domain", "__weakref__")
+    __slots__ = ("report_to", "_domain", "__weakref__")
 
     def __init__(self, domain: Domain, state: ThreadState) -> None:
-        self.q: ThreadState | Sink | _Unregistered = state
+        self.report_to: ThreadState | Sink | _Unregistered = state
         self._domain = domain
 
     @property
@@ -98,10 +106,10 @@ class ThreadHandle:
     def quiescent(self) -> None:
         """Report a quiescent state for this thread. Takes no lock."""
         # The same single store as Domain.quiescent(), ordered the same way.
-        self.q.seq = self._domain._wr_seq
+        self.report_to.seq = self._domain._wr_seq
 
     def __repr__(self) -> str:
-        return f"<qsbr.ThreadHandle q={self.q!r}>"
+        return f"<qsbr.ThreadHandle report_to={self.report_to!r}>"
 
 
 class ThreadState:
@@ -114,7 +122,7 @@ class ThreadState:
         "bytes_at_advance",
         "retired_bytes",
         "stall_seq",
-        "pending",
+        "deferred",
         "listed",
         "slot",
         "ident",
@@ -127,7 +135,8 @@ class ThreadState:
     def __init__(self, ident: int, name: str, seq: int) -> None:
         #: wr_seq as of this thread's last quiescent state; 0 = detached.
         self.seq = seq
-        #: deferred_advance() calls since this thread last advanced wr_seq.
+        #: Retirements since this thread last advanced wr_seq (the design's
+        #: deferral count; see Domain._take_goal).
         self.deferrals = 0
         #: Bytes this thread ever retired (for pending_bytes), and that total
         #: as of its last advance of wr_seq (the byte trigger fires when the
@@ -138,9 +147,9 @@ class ThreadState:
         #: The seq at which a stall of this thread was last reported (a stall
         #: is reported once; quiescing ends it). Written by stall checkers.
         self.stall_seq = 0
-        #: This thread's pending releases, flat: [goal, fn, arg, size, ...]
+        #: This thread's deferred-free list, flat: [goal, fn, arg, size, ...]
         #: (see deferred.py). Appended only by this thread.
-        self.pending: list[Any] = []
+        self.deferred: list[Any] = []
         #: Whether DeferredWork lists this thread as one that retires; set on
         #: its first retire(), so that polls visit writers only, not readers.
         self.listed = False
@@ -159,13 +168,31 @@ class ThreadState:
         return f"<ThreadState {self.name!r} ident={self.ident} seq={self.seq}>"
 
 
+class Deferrals:
+    """The deferral count of a thread that calls deferred_advance() without
+    being registered (kept in the domain's threading.local). It has the
+    fields of ThreadState that Domain._take_goal uses; such a thread retires
+    nothing, so its byte counts stay 0."""
+
+    __slots__ = ("deferrals", "retired_bytes", "bytes_at_advance")
+
+    def __init__(self) -> None:
+        self.deferrals = 0
+        self.retired_bytes = 0
+        self.bytes_at_advance = 0
+
+
 class ExitSentinel:
-    """Lives only in a thread's locals; unregisters the thread when it dies."""
+    """Lives only in a thread's locals; unregisters the thread when it dies.
 
-    __slots__ = ("domain_ref", "state", "armed")
+    ``on_exit`` is a weak method (the domain's ``_thread_exited``): the
+    sentinel must not keep the domain alive, and a domain that is gone has
+    nothing to unregister."""
 
-    def __init__(self, domain: Domain, state: ThreadState) -> None:
-        self.domain_ref: weakref.ReferenceType[Domain] = weakref.ref(domain)
+    __slots__ = ("on_exit", "state", "armed")
+
+    def __init__(self, on_exit: Callable[[ThreadState], None], state: ThreadState) -> None:
+        self.on_exit: weakref.WeakMethod[Callable[[ThreadState], None]] = weakref.WeakMethod(on_exit)
         self.state = state
         # Disarmed by an explicit unregister(), so a thread is never
         # unregistered twice.
@@ -175,6 +202,6 @@ class ExitSentinel:
         if not self.armed:
             return
         self.armed = False
-        domain = self.domain_ref()
-        if domain is not None:
-            domain._thread_exited(self.state)
+        on_exit = self.on_exit()
+        if on_exit is not None:
+            on_exit(self.state)

@@ -1,0 +1,135 @@
+"""Checking what callers pass, with one rule everywhere.
+
+A value of the wrong *type* raises ``TypeError``; a value of the right type
+that is out of range raises ``ValueError``. Every message names the
+parameter, says what it accepts and shows what it got, so a caller can fix
+the call without reading the source. ``bool`` is refused where an int is
+wanted (``True`` is an int to Python, never to a caller).
+
+``DomainOptions`` is a ``Domain``'s constructor arguments, checked once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DomainOptions",
+    "check_callable",
+    "check_choice",
+    "check_int",
+    "check_optional_int",
+    "check_seconds",
+]
+
+
+def check_int(name: str, value: object, minimum: int, meaning: str = "") -> int:
+    """``value`` as an int >= ``minimum``. ``meaning`` (e.g. "bytes the
+    release frees") is added to the messages."""
+    if type(value) is int and value >= minimum:
+        return value
+    why = f" ({meaning})" if meaning else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}{why}, not {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {value!r}")
+    return int(value)  # an int subclass: a plain int from here on
+
+
+def check_optional_int(name: str, value: object, minimum: int, meaning: str = "") -> int | None:
+    """``check_int``, or None."""
+    return None if value is None else check_int(name, value, minimum, meaning)
+
+
+def check_seconds(name: str, value: object, *, none_means: str = "") -> float | None:
+    """A duration in seconds, > 0. None is accepted only when ``none_means``
+    says what it means (e.g. "no timeout")."""
+    if value is None and none_means:
+        return None
+    or_none = f", or None for {none_means}" if none_means else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds > 0{or_none}; not {type(value).__name__} {value!r}"
+        )
+    if not value > 0:  # also refuses NaN
+        raise ValueError(f"{name} must be > 0 seconds{or_none}; got {value!r}")
+    return float(value)
+
+
+def check_callable(name: str, value: object, accepts: str, *, allow_none: bool = True) -> None:
+    """``value`` is callable (or None when allowed). ``accepts`` is how it is
+    called, e.g. "callable(exc, obj)"."""
+    if (value is None and allow_none) or callable(value):
+        return
+    or_none = " or None" if allow_none else ""
+    raise TypeError(f"{name} must be {accepts}{or_none}, not {type(value).__name__} {value!r}")
+
+
+def _quoted(choices: Collection[str]) -> str:
+    names = [f'"{c}"' for c in choices]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_choice(name: str, value: object, choices: Collection[str]) -> str:
+    """``value`` is one of ``choices`` (strings, in the order given)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be {_quoted(choices)}, not {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be {_quoted(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DomainOptions:
+    """A Domain's options, checked (see Domain.__init__ for their meaning)."""
+
+    deferred_limit: int
+    scan: str
+    background: bool
+    reclaim_interval: float
+    on_release_error: Callable[[BaseException, Any], object] | None
+    deferred_bytes: int
+    max_pending: int | None
+    max_pending_bytes: int | None
+    on_full: str
+    stall_timeout: float | None
+    on_stall: Callable[[Any], object] | None
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        deferred_limit: object,
+        scan: object,
+        scan_strategies: Collection[str],
+        background: object,
+        reclaim_interval: object,
+        on_release_error: object,
+        deferred_bytes: object,
+        max_pending: object,
+        max_pending_bytes: object,
+        on_full: object,
+        stall_timeout: object,
+        on_stall: object,
+    ) -> DomainOptions:
+        check_callable("on_release_error", on_release_error, "callable(exc, obj)")
+        check_callable("on_stall", on_stall, "callable(report)")
+        reclaim = check_seconds("reclaim_interval", reclaim_interval)
+        assert reclaim is not None
+        return cls(
+            deferred_limit=check_int(
+                "deferred_limit", deferred_limit, 1, "1 advances wr_seq on every retire"
+            ),
+            scan=check_choice("scan", scan, scan_strategies),
+            background=bool(background),
+            reclaim_interval=reclaim,
+            on_release_error=on_release_error,  # type: ignore[arg-type]
+            deferred_bytes=check_int("deferred_bytes", deferred_bytes, 1),
+            max_pending=check_optional_int("max_pending", max_pending, 1),
+            max_pending_bytes=check_optional_int("max_pending_bytes", max_pending_bytes, 1),
+            on_full=check_choice("on_full", on_full, ("block", "raise")),
+            stall_timeout=check_seconds("stall_timeout", stall_timeout, none_means="no stall detection"),
+            on_stall=on_stall,  # type: ignore[arg-type]
+        )
