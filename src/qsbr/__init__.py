@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .buffer_pool import BufferPool, ClassStats, PoolStats
 from .cell import Cell
-from .domain import Domain, default_domain
+from .default import default_domain
+from .domain import Domain
 from .errors import NotRegisteredError, PendingLimitError
 from .executor import ThreadPoolExecutor
 from .shared_array import SharedArray

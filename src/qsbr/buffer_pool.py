@@ -46,7 +46,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _fork
-from .domain import Domain, domain_or_default
+from .default import domain_or_default
+from .domain import Domain
 from .options import check_int, check_optional_int
 
 __all__ = ["BufferPool", "PoolStats", "ClassStats"]

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from . import _fork
-from .domain import Domain, domain_or_default
+from .default import domain_or_default
+from .domain import Domain
 from .options import check_callable
 
 __all__ = ["Cell"]

@@ -20,26 +20,18 @@ design, as CPython's Python/qsbr.c has: ``advance``, ``deferred_advance``
 ``quiescent``, ``retire``, ``poll``. Everything else is a part it delegates
 to, each in its own module (docs/design.md, "Module map"):
 
-    registry.py   the thread slots           scan.py       computing rd_seq
+    registry.py   registration, the slots    scan.py       computing rd_seq
     deferred.py   the deferred-free lists    reclaim.py    poll, synchronize, barrier
     admission.py  the hard cap               stall.py      stall detection
     timing.py     grace-period times         reclaimer.py  the background thread
     options.py    checking the options       stats.py      the counters snapshot
+    assembly.py   how the parts are wired    default.py    the process-wide domain
 
 retire() reaches release(obj) in two hops: retire -> Reclamation.poll
 (reclaim.py) -> DeferredWork.take_ready/run (deferred.py) -> release(obj).
 
-Safety argument, in one paragraph (docs/design.md has it in full). A writer
-unlinks R, then reads wr_seq = w and tags R with goal g = w + 2. Some thread
-later advances wr_seq to g; that advance comes after the writer's read of w
-in wr_seq's modification order, hence after the unlink. A reader whose
-seq >= g copied a wr_seq value >= g, so its quiescent() ran after that
-advance and therefore after the unlink; every use of R it made before was
-finished (program order), and every later read finds the new value. A
-detached reader (seq 0) holds nothing; when it attaches it copies wr_seq
-first and reads shared data after. So once rd_seq >= g no attached thread
-can hold R. docs/design.md ("Memory ordering") gives the orderings the
-chain needs on both builds.
+Why a release cannot run while a thread still holds the resource, and the
+memory orderings that argument needs on both builds: docs/design.md.
 """
 
 from __future__ import annotations
@@ -52,21 +44,19 @@ from typing import Any
 
 from . import _fork
 from ._weak import weak_method
-from .admission import Admission
-from .deferred import Call, DeferredWork, ErrorHandler, call_no_arg
+from .assembly import assemble
+from .deferred import Call, ErrorHandler, call_no_arg
 from .errors import NotRegisteredError
 from .options import DomainOptions, check_int
-from .reclaim import Reclamation
 from .reclaimer import ReclaimerThread
 from .registry import Registry
 from .scan import SCAN_STRATEGIES, Scanner
 from .sizes import SIZERS, estimate_size
-from .stall import StallDetector, StallReport
+from .stall import StallReport
 from .stats import DomainStats, snapshot
-from .thread_state import UNREGISTERED, Deferrals, ExitSentinel, ThreadHandle, ThreadState
-from .timing import GraceTiming
+from .thread_state import Deferrals, ThreadHandle, ThreadState
 
-__all__ = ["Domain", "default_domain", "check_domain", "domain_or_default"]
+__all__ = ["Domain"]
 
 
 class Domain:
@@ -78,6 +68,7 @@ class Domain:
         "_deferred_limit",
         "_deferred_bytes",
         "_admission",
+        "_parts",
         "_lock",
         "_advances",
         "_registry",
@@ -106,33 +97,21 @@ class Domain:
         stall_timeout: float | None = 10.0,
         on_stall: Callable[[StallReport], object] | None = None,
     ) -> None:
-        """Create a domain.
+        """Create a domain. Every option is checked here (options.py says
+        what each one means, docs/api.md is the contract):
 
-        deferred_limit: a thread advances wr_seq on every deferred_limit-th
-            deferred_advance()/retire(); the calls between share one goal.
-        scan: how rd_seq is computed: "incremental" (default: a pass spread
-            across polls, O(1) polls while a known laggard has not moved) or
-            "flat" (the design's full scan on every poll). See scan.py.
-        background: start a reclaimer thread that polls, so that writers never
-            run releases themselves. Without it, retire() polls every
-            deferred_limit-th call and any poll()/barrier() runs what is ready.
-        reclaim_interval: how often the reclaimer polls while work is pending.
-        on_release_error: called as on_release_error(exc, obj) when a release
-            raises; by default the exception goes to sys.unraisablehook.
-        deferred_bytes: a thread also advances wr_seq and polls once the
-            bytes it retired since its last advance exceed this (1 MiB by
-            default, as CPython 3.14), so one retirement bigger than it is
-            processed at once.
-        max_pending, max_pending_bytes: a hard cap on the backlog (releases,
-            bytes; None = no cap). A retire() that would pass it blocks or
-            raises, per on_full. See admission.py.
-        on_full: "block" (the retiring thread reclaims and waits, counted as
-            quiescent while it waits, until the release fits) or "raise"
-            (PendingLimitError, nothing queued).
-        stall_timeout: seconds an attached thread may go without a quiescent
-            state while releases wait on it before it is reported as stalled
-            (logger "qsbr", WARNING, once per stall); None turns it off.
-        on_stall: also called as on_stall(report) for each new stall.
+        deferred_limit, deferred_bytes: when a thread's retirements advance
+            wr_seq and poll (every deferred_limit-th one, or past
+            deferred_bytes since its last advance).
+        scan: "incremental" (the default) or "flat", how rd_seq is computed.
+        background, reclaim_interval: a reclaimer thread that polls, so that
+            writers never run releases.
+        on_release_error(exc, obj): where a release's exception goes
+            (default: sys.unraisablehook).
+        max_pending, max_pending_bytes, on_full: a hard cap on the backlog,
+            and what retire() does at it ("block" or "raise").
+        stall_timeout, on_stall(report): naming the thread that holds
+            reclamation back (None turns it off).
         """
         opts = DomainOptions.checked(
             deferred_limit=deferred_limit,
@@ -155,41 +134,11 @@ class Domain:
         self._deferred_bytes = opts.deferred_bytes
         self._advances = 0
         self._closed = False
-        # The parts hold the domain's own operations weakly (see _weak.py).
-        read_wr_seq, advance = weak_method(self._read_wr_seq), weak_method(self.advance)
-        self._registry = Registry()
-        self._timing = GraceTiming()
-        self._work = DeferredWork()
-        self._stalls = StallDetector(
-            opts.stall_timeout,
-            opts.on_stall,
-            registry=self._registry,
-            work=self._work,
-            timing=self._timing,
-            read_wr_seq=read_wr_seq,
-            advance=advance,
-        )
-        self._reclaim = Reclamation(
-            work=self._work,
-            scanner=SCAN_STRATEGIES[opts.scan](self._registry),
-            timing=self._timing,
-            stalls=self._stalls,
-            read_wr_seq=read_wr_seq,
-            advance=advance,
-            on_release_error=opts.on_release_error,
-        )
-        self._admission: Admission | None = None
-        if opts.max_pending is not None or opts.max_pending_bytes is not None:
-            self._admission = Admission(
-                max_pending=opts.max_pending,
-                max_pending_bytes=opts.max_pending_bytes,
-                on_full=opts.on_full,
-                reclaim=self._reclaim,
-                stalls=self._stalls,
-                read_wr_seq=read_wr_seq,
-                advance=advance,
-            )
-            self._work.set_freed_hook(self._admission.freed)
+        # The parts, wired by assembly.py; the hot paths keep direct slots.
+        parts = assemble(opts, self._tls, weak_method(self._read_wr_seq), weak_method(self.advance))
+        self._parts = parts
+        self._registry, self._work, self._timing = parts.registry, parts.work, parts.timing
+        self._stalls, self._reclaim, self._admission = parts.stalls, parts.reclaim, parts.admission
         self._new_locks(threading.Lock)
         self._reclaimer: ReclaimerThread | None = None
         if opts.background:
@@ -287,56 +236,18 @@ class Domain:
 
         Returns the thread's ThreadHandle, whose quiescent() is the cheap
         form of domain.quiescent() for hot loops (it belongs to this thread)."""
-        tls = self._tls
-        if getattr(tls, "state", None) is not None:
-            raise RuntimeError(
-                "this thread is already registered with this domain; "
-                "call unregister() first, or use `with domain.registered():` once"
-            )
-        # seq = wr_seq is set before the state is published in the registry:
-        # a scanner never sees this thread without it. (An old wr_seq read
-        # here is harmless: scans are capped at the wr_seq they began with.)
-        state = ThreadState(threading.get_ident(), threading.current_thread().name, self._wr_seq)
-        state.handle = handle = ThreadHandle(self, state)
-        self._registry.add(state)
-        tls.state = state
-        tls.report_to = state
-        tls.sentinel = ExitSentinel(self._thread_exited, state)
-        return handle
+        return self._registry.register(self, self._wr_seq)
 
     def handle(self) -> ThreadHandle:
         """The calling thread's ThreadHandle (the one register() returned)."""
-        handle = self._state_or_raise("handle").handle
+        handle = self._registry.state_or_raise("handle").handle
         assert handle is not None
         return handle
 
     def unregister(self) -> None:
         """The calling thread leaves. What it retired stays queued, owned by
         the domain: never lost, never released early."""
-        tls = self._tls
-        state = self._state_or_raise("unregister")
-        tls.sentinel.armed = False
-        del tls.sentinel, tls.report_to, tls.state
-        self._forget(state)
-
-    def _forget(self, state: ThreadState) -> None:
-        # Publish "detached" first: a scanner holding an older registry
-        # snapshot then leaves this thread out instead of waiting on it.
-        state.seq = 0
-        if state.handle is not None:
-            state.handle.report_to = UNREGISTERED  # its quiescent() now raises
-        self._registry.remove(state)
-        # The domain takes the thread's backlog over, goals and all: it is
-        # neither lost nor released before its goal is reached.
-        self._work.adopt(state)
-
-    def _thread_exited(self, state: ThreadState) -> None:
-        """Called by the thread's ExitSentinel when a registered thread ends."""
-        if state.pid != os.getpid():
-            # A thread of the parent, destroyed in a forked child: the
-            # after-fork repair already rebuilt the registry without it.
-            return
-        self._forget(state)
+        self._registry.unregister()
 
     def is_registered(self) -> bool:
         """Whether the calling thread is registered."""
@@ -350,13 +261,6 @@ class Domain:
             yield self
         finally:
             self.unregister()
-
-    def _state_or_raise(self, what: str) -> ThreadState:
-        try:
-            state: ThreadState = self._tls.state
-        except AttributeError:
-            raise NotRegisteredError.for_call(what) from None
-        return state
 
     # -- readers: quiescent states --------------------------------------
 
@@ -375,7 +279,7 @@ class Domain:
     def detach(self) -> None:
         """Leave rd_seq while blocking (I/O, sleep, waiting for work): the
         thread must hold no shared references until attach()."""
-        state = self._state_or_raise("detach")
+        state = self._registry.state_or_raise("detach")
         # seq = 0 is stored after every read this thread made (program
         # order), so a scanner that sees 0 may ignore this thread.
         state.seq = 0
@@ -385,7 +289,7 @@ class Domain:
 
     def attach(self) -> None:
         """Rejoin after detach(): seq = wr_seq, before any shared read."""
-        state = self._state_or_raise("attach")
+        state = self._registry.state_or_raise("attach")
         state.seq = self._wr_seq
         self._tls.report_to = state
         if state.handle is not None:
@@ -394,7 +298,7 @@ class Domain:
     @contextlib.contextmanager
     def detached(self) -> Iterator[None]:
         """``with domain.detached(): blocking_call()``"""
-        state = self._state_or_raise("detached")
+        state = self._registry.state_or_raise("detached")
         was_attached = state.seq != 0
         self.detach()
         try:
@@ -567,9 +471,7 @@ class Domain:
         ``factory()``: __init__ and the after-fork repair use
         threading.Lock, tests/interleave.py a lock its scheduler can see."""
         self._lock = factory()
-        for part in (self._registry, self._work, self._timing, self._stalls, self._reclaim, self._admission):
-            if part is not None:
-                part.new_locks(factory)
+        self._parts.new_locks(factory)
 
     def _set_scanner(self, make: Callable[[Registry], Scanner]) -> None:
         """Compute rd_seq with ``make(registry)`` from now on (a seam for
@@ -583,44 +485,8 @@ class Domain:
         me: ThreadState | None = getattr(self._tls, "state", None)
         if me is not None:
             me.pid = os.getpid()
-        departed = [st for st in self._registry if st is not me]
         self._lock = threading.Lock()
-        self._registry.after_fork_in_child(me)
-        self._timing.after_fork_in_child()
-        self._reclaim.after_fork_in_child()
-        if self._admission is not None:  # before the work: it gives dropped room back
-            self._admission.after_fork_in_child()
-        self._work.after_fork_in_child(departed)
-        self._stalls.after_fork_in_child()
+        self._parts.after_fork_in_child(me)
         if self._reclaimer is not None:
             # The reclaimer thread did not survive; start a fresh one.
             self._reclaimer = ReclaimerThread(self._reclaim, self._options.reclaim_interval)
-
-
-def check_domain(domain: object) -> Domain | None:
-    """``domain`` if it is a Domain or None; TypeError otherwise."""
-    if domain is not None and not isinstance(domain, Domain):
-        raise TypeError(f"domain must be a qsbr.Domain or None, not {type(domain).__name__}")
-    return domain
-
-
-def domain_or_default(domain: object) -> Domain:
-    """``domain`` checked, or the process-wide default domain for None."""
-    checked = check_domain(domain)
-    return checked if checked is not None else default_domain()
-
-
-_default: Domain | None = None
-_default_lock = threading.Lock()
-
-
-def default_domain() -> Domain:
-    """The process-wide domain, created on first use."""
-    global _default
-    d = _default
-    if d is None:
-        with _default_lock:
-            if _default is None:
-                _default = Domain()
-            d = _default
-    return d

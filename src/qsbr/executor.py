@@ -20,7 +20,8 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .domain import Domain, domain_or_default
+from .default import domain_or_default
+from .domain import Domain
 
 __all__ = ["ThreadPoolExecutor"]
 

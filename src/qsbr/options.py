@@ -83,18 +83,41 @@ def check_choice(name: str, value: object, choices: Collection[str]) -> str:
 
 @dataclass(frozen=True)
 class DomainOptions:
-    """A Domain's options, checked (see Domain.__init__ for their meaning)."""
+    """A Domain's options, checked."""
 
+    #: A thread advances wr_seq on every deferred_limit-th
+    #: deferred_advance()/retire(); the calls between share one goal.
     deferred_limit: int
+    #: How rd_seq is computed: "incremental" (a pass spread across polls,
+    #: O(1) polls while a known laggard has not moved) or "flat" (the
+    #: design's full scan on every poll). See scan.py.
     scan: str
+    #: Start a reclaimer thread that polls, so that writers never run
+    #: releases themselves. Without it, retire() polls every
+    #: deferred_limit-th call and any poll()/barrier() runs what is ready.
     background: bool
+    #: How often the reclaimer polls while work is pending, in seconds.
     reclaim_interval: float
+    #: Called as on_release_error(exc, obj) when a release raises; by
+    #: default the exception goes to sys.unraisablehook.
     on_release_error: Callable[[BaseException, Any], object] | None
+    #: A thread also advances wr_seq and polls once the bytes it retired
+    #: since its last advance exceed this (1 MiB by default, as CPython
+    #: 3.14), so one retirement bigger than it is processed at once.
     deferred_bytes: int
+    #: A hard cap on the backlog, in releases and in bytes (None: no cap).
+    #: A retire() that would pass it blocks or raises, per on_full.
     max_pending: int | None
     max_pending_bytes: int | None
+    #: "block": the retiring thread reclaims and waits, counted as quiescent
+    #: while it waits, until the release fits. "raise": PendingLimitError,
+    #: nothing queued. See admission.py.
     on_full: str
+    #: Seconds an attached thread may go without a quiescent state while
+    #: releases wait on it before it is reported as stalled (logger "qsbr",
+    #: WARNING, once per stall); None turns stall detection off.
     stall_timeout: float | None
+    #: Also called as on_stall(report) for each new stall.
     on_stall: Callable[[Any], object] | None
 
     @classmethod

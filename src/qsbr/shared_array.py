@@ -39,7 +39,8 @@ from typing import Any, cast, overload
 
 from . import _fork
 from .buffer_pool import BufferPool
-from .domain import Domain, check_domain
+from .default import check_domain
+from .domain import Domain
 
 __all__ = ["SharedArray"]
 
