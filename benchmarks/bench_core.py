@@ -91,7 +91,7 @@ class FloorDomain:
         if not callable(release):
             raise TypeError("release must be callable")
         if size is None:
-            size = _getsizeof(obj)  # less than issue 4's estimate: no nbytes check
+            size = _getsizeof(obj)  # less than estimate_size(): no nbytes check
         st = self._tls.q
         st.retired_bytes += size
         n = st.deferrals + 1

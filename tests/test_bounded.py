@@ -264,14 +264,24 @@ def test_block_larger_than_the_cap(make_worker: Any) -> None:
     d = qsbr.Domain(max_pending_bytes=MiB, stall_timeout=None)
     reader.call(d.register)
     big = Blob(0, 2 * MiB)
+    frees_when_reader_quiesced: list[int] = []
+
+    def reader_quiesces_later() -> None:
+        time.sleep(0.2)
+        frees_when_reader_quiesced.append(big.frees)  # before its quiescent state
+        reader.call(d.quiescent)
+
     with d.registered():
-        t = threading.Thread(target=lambda: (time.sleep(0.2), reader.call(d.quiescent)), daemon=True)
+        t = threading.Thread(target=reader_quiesces_later, daemon=True)
         t.start()
         d.retire(big, Blob.free, size=2 * MiB)  # returns once the reader has quiesced
-        assert t.is_alive() or big.frees == 1
+        # retire() waited: when the reader was about to quiesce (0.2 s in),
+        # the blob was still unreleased, and retire() has released it since.
+        assert frees_when_reader_quiesced == [0]
         assert big.frees == 1
         assert d.pending_bytes == 0
         t.join(timeout=STEP_TIMEOUT)
+        assert not t.is_alive()
     reader.call(d.unregister)
     d.close()
     d2 = qsbr.Domain(max_pending_bytes=MiB, on_full="raise", stall_timeout=None)

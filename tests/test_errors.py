@@ -1,4 +1,5 @@
-"""Rule 7: misuse gets a clear error that says what to do."""
+"""Misuse gets a clear error that says what to do (docs/api.md: every
+member's contract names its errors; "Threads" for NotRegisteredError)."""
 
 from __future__ import annotations
 

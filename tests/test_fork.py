@@ -1,4 +1,5 @@
-"""Rule 6: after os.fork() the child keeps only the forking thread's state."""
+"""After os.fork() the child keeps only the forking thread's state
+(docs/api.md, "Fork")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Rules 3, 4 and 8: when releases run, how often, and where."""
+"""When releases run, how often, and where (docs/api.md, "Retiring and
+releasing" and "Where releases run")."""
 
 from __future__ import annotations
 
@@ -324,7 +325,7 @@ def test_not_shared_path_does_not_apply_with_another_attached_thread(
 
 @pytest.mark.parametrize("poller", ["unregistered-barrier", "reclaimer"])
 def test_release_may_retire_even_on_an_unregistered_polling_thread(poller: str, worker: Worker) -> None:
-    """Rule 4 holds wherever the release runs: on an unregistered thread that
+    """A release may retire (docs/api.md, "Where releases run") wherever it runs: on an unregistered thread that
     calls barrier(), or on the background reclaimer."""
     d = qsbr.Domain(background=(poller == "reclaimer"))
     order: list[str] = []

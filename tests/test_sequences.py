@@ -1,4 +1,5 @@
-"""Rule 1 and 2: the sequence numbers and deferred advance, as the design says."""
+"""The sequence numbers and the deferred advance, as the design says
+(docs/api.md, "Sequence numbers")."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ from ._weak import weak_method
 from .assembly import assemble
 from .deferred import Call, ErrorHandler, call_no_arg
 from .errors import NotRegisteredError
-from .options import DomainOptions, check_int
+from .options import DomainOptions, check_int, check_release
 from .reclaimer import ReclaimerThread
 from .registry import Registry
 from .scan import SCAN_STRATEGIES, Scanner
@@ -318,9 +318,7 @@ class Domain:
         ``goal_reached(goal)`` tell when it is met.
         """
         if not callable(release):
-            raise TypeError(
-                f"release must be callable, e.g. retire(obj, obj.close); got {type(release).__name__}"
-            )
+            check_release(release)  # raises, with a hint
         if size is None:
             sizer = SIZERS.get(type(obj))  # estimate_size(), without its call
             size = sizer(obj) if sizer is not None else estimate_size(obj)
@@ -362,8 +360,7 @@ class Domain:
         unlink), and the caller polls: nobody else may."""
         if getattr(self._tls, "state", None) is not None or self._reclaim.in_release():
             return self.retire(obj, release, size=size)
-        if not callable(release):
-            raise TypeError(f"release must be callable, got {type(release).__name__}")
+        check_release(release)
         size = estimate_size(obj) if size is None else check_int("size", size, 0, "bytes the release frees")
         goal = self._push_orphan(obj, release, size)
         self._stalls.ensure_watchdog()

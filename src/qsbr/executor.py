@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from .default import domain_or_default
 from .domain import Domain
+from .options import check_callable
 
 __all__ = ["ThreadPoolExecutor"]
 
@@ -59,8 +60,7 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
         self._qsbr_domain = domain_or_default(domain)
         initializer = kwargs.pop("initializer", None)
         initargs = tuple(kwargs.pop("initargs", ()))
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        check_callable("initializer", initializer, "callable(*initargs)")
         super().__init__(
             max_workers,
             initializer=_init_worker,

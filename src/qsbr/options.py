@@ -21,6 +21,7 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_optional_int",
+    "check_release",
     "check_seconds",
 ]
 
@@ -70,6 +71,18 @@ def check_callable(name: str, value: object, accepts: str, *, allow_none: bool =
 def _quoted(choices: Collection[str]) -> str:
     names = [f'"{c}"' for c in choices]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_release(release: object) -> None:
+    """A release is called as ``release(obj)``. The hint shows the two forms
+    that do that: ``obj.close`` (already bound) would be called as
+    ``obj.close(obj)``."""
+    if not callable(release):
+        raise TypeError(
+            "release must be a callable taking the retired object, e.g. "
+            "retire(obj, type(obj).close) or retire(obj, lambda o: o.close()); "
+            f"not {type(release).__name__} {release!r}"
+        )
 
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:
