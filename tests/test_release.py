@@ -325,8 +325,9 @@ def test_not_shared_path_does_not_apply_with_another_attached_thread(
 
 @pytest.mark.parametrize("poller", ["unregistered-barrier", "reclaimer"])
 def test_release_may_retire_even_on_an_unregistered_polling_thread(poller: str, worker: Worker) -> None:
-    """A release may retire (docs/api.md, "Where releases run") wherever it runs: on an unregistered thread that
-    calls barrier(), or on the background reclaimer."""
+    """A release may retire (docs/api.md, "Where releases run") wherever it
+    runs: on an unregistered thread that calls barrier(), or on the
+    background reclaimer."""
     d = qsbr.Domain(background=(poller == "reclaimer"))
     order: list[str] = []
 
