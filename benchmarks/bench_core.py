@@ -68,14 +68,14 @@ class FloorDomain:
 
     def __init__(self) -> None:
         self._tls = threading.local()
-        self._tls.q = FloorState()
+        self._tls.report_to = FloorState()
         self._wr_seq = 1
 
     def quiescent(self) -> None:
-        self._tls.q.seq = self._wr_seq
+        self._tls.report_to.seq = self._wr_seq
 
     def retire(self, obj: Any, release: Callable[[Any], Any]) -> int:
-        st = self._tls.q
+        st = self._tls.report_to
         n = st.deferrals + 1
         if n < self.FLOOR_BATCH:
             st.deferrals = n
@@ -92,7 +92,7 @@ class FloorDomain:
             raise TypeError("release must be callable")
         if size is None:
             size = _getsizeof(obj)  # less than estimate_size(): no nbytes check
-        st = self._tls.q
+        st = self._tls.report_to
         st.retired_bytes += size
         n = st.deferrals + 1
         if n < self.FLOOR_BATCH:
@@ -106,7 +106,7 @@ class FloorDomain:
         return self._wr_seq
 
     def flush(self) -> None:
-        st = self._tls.q
+        st = self._tls.report_to
         fns, args = st.fns, st.args
         st.fns, st.args = [], []
         for fn, arg in zip(fns, args, strict=True):

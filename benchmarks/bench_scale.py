@@ -1,5 +1,16 @@
 """rd_seq at scale: poll() and synchronize() latency against attached threads.
 
+Two scenarios, each at 10 to 10,000 registered threads:
+
+* "rounds": the threads quiesce when the benchmark starts a round, as
+  readers between requests would; polls are timed while they are parked,
+  with the garbage collector paused (the scan's own cost).
+* "stuck": the threads never quiesce; an unregistered poller calls advance()
+  then poll(goal), which fails, 2,000 times, timed as a pair, with the
+  garbage collector ON, as every program runs. This is where an allocation
+  on the advance or poll path shows: each collection it triggers walks the
+  whole heap on free-threaded 3.13 (10,000 threads make that heap big).
+
 For each strategy (the design's "flat" scan and our "incremental" one) and
 each thread count (10, 100, 1,000, 10,000), N real threads register and stay
 attached, parked; they report a quiescent state only when the benchmark starts
@@ -164,6 +175,41 @@ def measure(strategy: str, n: int) -> dict[str, Any]:
     }
 
 
+STUCK_POLLS = 500 if QUICK else 2000
+
+
+def measure_stuck(strategy: str, n: int) -> dict[str, Any]:
+    """advance() + a failing poll(goal), with n attached threads that never
+    quiesce, the garbage collector on."""
+    d = qsbr.Domain(scan=strategy)
+    parked = Parked(d, n)  # registered and attached; no round is ever started
+    times: list[float] = []
+    perf = time.perf_counter
+    gc.collect()  # every row starts from the same collector state
+    gen0_before = gc.get_count()[0]
+    collections_before = sum(g["collections"] for g in gc.get_stats())
+    for _ in range(STUCK_POLLS):
+        t0 = perf()
+        goal = d.advance()
+        d.poll(goal)
+        times.append(perf() - t0)
+    collections = sum(g["collections"] for g in gc.get_stats()) - collections_before
+    gen0_after = gc.get_count()[0]
+    assert not d.goal_reached(d.wr_seq)  # every poll failed
+    parked.close()
+    d.close()
+    return {
+        "strategy": strategy,
+        "threads": n,
+        "median_us": statistics.median(times) * 1e6,
+        "p99_us": pct(times, 0.99) * 1e6,
+        "max_us": max(times) * 1e6,
+        "gc_collections": collections,
+        "gc_gen0_growth": gen0_after - gen0_before,
+        "polls": len(times),
+    }
+
+
 def main() -> None:
     threading.stack_size(256 * 1024)  # 10,000 threads: keep their stacks small
     rows = []
@@ -186,9 +232,42 @@ def main() -> None:
             f"  {s}: poll p99 at {COUNTS[-1]:,} threads / at {COUNTS[0]} threads"
             f" = {ratio:.2f}x (target <= 3x)"
         )
+    print("stuck readers, collector on: advance() + failing poll(goal)")
+    print(f"  {'strategy':<12}{'threads':>8}{'median us':>11}{'p99 us':>9}{'max us':>10}{'collections':>13}")
+    stuck = []
+    for n in (COUNTS[0], COUNTS[-1]):
+        for strategy in STRATEGIES:
+            r = measure_stuck(strategy, n)
+            stuck.append(r)
+            print(
+                f"  {strategy:<12}{n:>8}{r['median_us']:>11.2f}{r['p99_us']:>9.2f}{r['max_us']:>10.0f}"
+                f"{r['gc_collections']:>13}",
+                flush=True,
+            )
+    sby = {(r["strategy"], r["threads"]): r for r in stuck}
+    stuck_ratios = {
+        s: {
+            "p99": sby[(s, COUNTS[-1])]["p99_us"] / sby[(s, COUNTS[0])]["p99_us"],
+            "median": sby[(s, COUNTS[-1])]["median_us"] / sby[(s, COUNTS[0])]["median_us"],
+        }
+        for s in STRATEGIES
+    }
+    for s, q in stuck_ratios.items():
+        print(
+            f"  {s}: at {COUNTS[-1]:,} threads / at {COUNTS[0]}: p99 {q['p99']:.2f}x (target <= 3x),"
+            f" median {q['median']:.2f}x"
+        )
     path = write_json(
         "scale",
-        {"rows": rows, "p99_ratio_max_vs_min_threads": ratios, "polls": POLLS, "round_every": ROUND_EVERY},
+        {
+            "rows": rows,
+            "p99_ratio_max_vs_min_threads": ratios,
+            "polls": POLLS,
+            "round_every": ROUND_EVERY,
+            "stuck_rows": stuck,
+            "stuck_ratio_max_vs_min_threads": stuck_ratios,
+            "stuck_polls": STUCK_POLLS,
+        },
     )
     print(f"  wrote {path}")
     try:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import Parked
 
 import qsbr
+from qsbr.scan import IncrementalScan
 
 
 def timeit(f: Callable[[], Any], reps: int = 3000) -> tuple[float, float]:
@@ -52,12 +53,11 @@ def main() -> None:
     d.register()
     parked.start_round()
     parked.wait_round()
-    scanner: Any = d._scanner
     gc.disable()
     print(f"python {sys.version.split()[0]}, {n} parked attached threads (median, p99 in us)")
     print("  alloc-and-free work", timeit(alloc_work))
     for step in (8, 12, 16):
-        scanner.step = step
+        d._set_scanner(lambda registry, step=step: IncrementalScan(registry, step=step))
         d.quiescent()
         print(f"  poll, step {step:>2}", timeit(d.poll))
     gc.enable()

@@ -93,7 +93,7 @@ def test_bench_floor_runs_every_release_once() -> None:
         floor.retire_checked(1, "not callable")  # type: ignore[arg-type]
     floor._wr_seq = 41
     floor.quiescent()
-    assert floor._tls.q.seq == 41
+    assert floor._tls.report_to.seq == 41
 
 
 def test_stall_demo_names_the_stuck_reader_and_keeps_the_cap() -> None:

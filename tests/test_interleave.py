@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import qsbr
-from conftest import Worker
+from helpers import Resource, Worker
 from interleave import (
     PCTStrategy,
     RandomStrategy,
@@ -34,20 +34,6 @@ from qsbr.scan import IncrementalScan
 
 HERE = [__file__]
 pytestmark = pytest.mark.timeout(300)
-
-
-class Resource:
-    def __init__(self, version: int) -> None:
-        self.version = version
-        self.frees = 0
-
-    def use(self) -> int:
-        assert self.frees == 0, f"resource v{self.version} used after it was freed"
-        return self.version
-
-    def free(self) -> None:
-        self.frees += 1
-        assert self.frees == 1, f"resource v{self.version} freed twice"
 
 
 class GoalTakenEarly(qsbr.Domain):
@@ -91,7 +77,7 @@ def make_scenario(
                 new = Resource(k)
                 every.append(new)
                 old, shared[0] = shared[0], new
-                d.retire(old, Resource.free)
+                d.retire(old, Resource.release)
                 d.poll()
                 d.quiescent()
                 d.poll()
@@ -111,7 +97,7 @@ def check_afterwards(scenario: Any) -> None:
     d, every = scenario.made[-1]
     d.poll()
     assert d.pending == 0
-    assert [r.frees for r in every[:-1]] == [1] * (len(every) - 1)
+    assert [r.releases for r in every[:-1]] == [1] * (len(every) - 1)
 
 
 # -- the correct Domain survives ------------------------------------------------
@@ -151,7 +137,7 @@ def test_random_schedules_find_the_broken_goal_and_replay_it() -> None:
     scenario = make_scenario(GoalTakenEarly, readers=2)
     runs, failure = explore(scenario, (RandomStrategy(seed) for seed in range(500)), HERE)
     assert failure is not None, f"{runs} random schedules missed the bug"
-    assert any("used after it was freed" in str(e) for e in failure.errors.values()), failure.describe()
+    assert any("used after it was released" in str(e) for e in failure.errors.values()), failure.describe()
     seed = int(failure.strategy.split("=")[1].rstrip(")"))
     # The seed alone reproduces the run: the same decisions, the same failure.
     s1 = Scheduler(RandomStrategy(seed), HERE)
@@ -170,14 +156,14 @@ def test_pct_finds_the_broken_goal() -> None:
     strategies = (PCTStrategy(seed, depth=3, steps=800) for seed in range(500))
     runs, failure = explore(scenario, strategies, HERE)
     assert failure is not None, f"{runs} PCT schedules missed the bug"
-    assert any("used after it was freed" in str(e) for e in failure.errors.values())
+    assert any("used after it was released" in str(e) for e in failure.errors.values())
 
 
 def test_exhaustive_search_finds_the_broken_goal() -> None:
     scenario = make_scenario(GoalTakenEarly, readers=1, swaps=1)
     runs, failure = exhaustive(scenario, preemption_bound=1, files=HERE)
     assert failure is not None
-    assert any("used after it was freed" in str(e) for e in failure.errors.values())
+    assert any("used after it was released" in str(e) for e in failure.errors.values())
     # The smallest failing schedules come first: replay the one it found.
     s = Scheduler(Replay(failure.choices), HERE)
     assert s.run(scenario(s)).failed
@@ -266,7 +252,7 @@ def late_reader_scenario(
         def writer() -> None:
             d.register()
             old, shared[0] = shared[0], Resource(1)
-            d.retire(old, Resource.free)
+            d.retire(old, Resource.release)
             for _ in range(20):
                 d.quiescent()  # a busy thread that quiesces often
             d.unregister()
@@ -286,7 +272,7 @@ def test_pct_finds_the_uncapped_scan_and_the_real_scan_survives() -> None:
     buggy = late_reader_scenario(UncappedScan)
     runs, failure = explore(buggy, _pct(500), HERE, qsbr_modules=("scan.py",))
     assert failure is not None, f"{runs} PCT schedules missed the uncapped scan"
-    assert "used after it was freed" in str(failure.errors.get("late")), failure.describe()
+    assert "used after it was released" in str(failure.errors.get("late")), failure.describe()
     s = Scheduler(Replay(failure.choices), HERE, qsbr_modules=("scan.py",))
     assert s.run(buggy(s)).failed  # and it replays
     real = late_reader_scenario(IncrementalScan)
@@ -308,10 +294,10 @@ class UnlockedCell(qsbr.Cell[Any]):
     """Broken on purpose: set() swaps without the writers' lock, so two
     writers can both take the same old value and both retire it."""
 
-    def _swap(self, new: Any) -> Any:
+    def _swap(self, new: Any, retiring: bool) -> tuple[Any, int | None]:
         old = self.value
         object.__setattr__(self, "value", new)
-        return old
+        return old, None
 
 
 def two_writers_scenario(

@@ -66,14 +66,17 @@ def test_each_release_runs_exactly_once_even_with_concurrent_pollers(domain: qsb
         while not stop.is_set():
             domain.poll()
 
-    threads = [threading.Thread(target=poller) for _ in range(3)]
-    for t in threads:
+    pollers = [threading.Thread(target=poller) for _ in range(3)]
+    for t in pollers:
         t.start()
-    domain.quiescent()
-    assert domain.barrier(timeout=20)
-    stop.set()
-    for t in threads:
-        t.join(timeout=10)
+    try:
+        domain.quiescent()
+        assert domain.barrier(timeout=20)
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join(timeout=STEP_TIMEOUT)
+    assert not any(t.is_alive() for t in pollers)
     assert counts == {i: 1 for i in range(2000)}
     assert domain.pending == 0
     domain.unregister()
@@ -217,11 +220,11 @@ def test_synchronize_waits_for_attached_readers(domain: qsbr.Domain, worker: Wor
     worker.call(domain.register)
     assert not domain.synchronize(timeout=0.05)
     result: list[bool] = []
-    t = threading.Thread(target=lambda: result.append(domain.synchronize(timeout=10)))
+    t = threading.Thread(target=lambda: result.append(domain.synchronize(timeout=STEP_TIMEOUT)))
     t.start()
-    wait_until(lambda: domain.wr_seq > 3)  # the waiter has advanced
+    assert wait_until(lambda: domain.wr_seq > 3)  # the waiter has advanced
     worker.call(domain.quiescent)
-    t.join(timeout=10)
+    t.join(timeout=STEP_TIMEOUT)
     assert result == [True]
     worker.call(domain.detach)
     assert domain.synchronize(timeout=5)  # detached threads do not count

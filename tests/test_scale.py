@@ -180,3 +180,31 @@ def test_ten_thousand_threads_come_and_go_without_leaking(domain: qsbr.Domain) -
     assert sum(1 for r in refs if r() is not None) == 0, "thread states leaked"
     assert domain.barrier(timeout=STEP_TIMEOUT)
     assert sorted(released) == list(range(0, total, 10))
+
+
+def test_advance_and_a_failing_poll_leave_nothing_for_the_collector(domain: qsbr.Domain) -> None:
+    """A reader that never quiesces: every poll fails, every advance is
+    timed for stall reports. Neither may leave objects the garbage collector
+    tracks behind: on free-threaded 3.13 each collection walks the whole
+    heap, and with thousands of threads that is the poll's p99
+    (benchmarks/bench_scale.py measures it with the collector on)."""
+    reader = Worker("reader")
+    try:
+        reader.call(domain.register)
+        domain.register()
+        for _ in range(50):  # warm up: a first pass, the type caches
+            domain.poll(domain.advance())
+        gc.collect()
+        gc.disable()
+        try:
+            before = len(gc.get_objects())
+            for _ in range(2000):
+                assert not domain.poll(domain.advance())
+            grown = len(gc.get_objects()) - before
+        finally:
+            gc.enable()
+        assert grown < 20, f"2,000 advances and failing polls left {grown} tracked objects behind"
+        domain.unregister()
+        reader.call(domain.unregister)
+    finally:
+        reader.stop()

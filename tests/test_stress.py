@@ -13,23 +13,10 @@ from typing import Any
 import pytest
 
 import qsbr
-from helpers import domain_that_ignores_readers
+from helpers import Resource, domain_that_ignores_readers, run_threads
 
 HOLD = 50
 SECONDS = float(os.environ.get("QSBR_STRESS_SECONDS", "2.0"))
-
-
-class Resource:
-    __slots__ = ("version", "closed", "close_count")
-
-    def __init__(self, version: int) -> None:
-        self.version = version
-        self.closed = False
-        self.close_count = 0
-
-    def close(self) -> None:
-        self.close_count += 1
-        self.closed = True
 
 
 class Box:
@@ -43,22 +30,12 @@ class Box:
 
 def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Resource], list[int]]:
     """Returns (use-after-release reports, every resource, reads per reader).
-    A thread that crashes fails the calling test through ``crashes``."""
+    A thread that crashes fails the calling test (run_threads re-raises)."""
     box = Box(Resource(0))
     all_resources: list[Resource] = [box.current]
     stop = threading.Event()
     failures: list[str] = []
-    crashes: list[BaseException] = []
     reads = [0] * 4
-
-    def guarded(fn: Any) -> Any:
-        def run(*args: Any) -> None:
-            try:
-                fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                crashes.append(exc)
-
-        return run
 
     def reader(k: int) -> None:
         n = 0
@@ -68,8 +45,8 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
             while not stop.is_set():
                 r = box.current  # lock-free load
                 for _ in range(HOLD):  # use it for a while
-                    if r.closed:
-                        failures.append(f"reader {k} saw version {r.version} closed")
+                    if r.releases:
+                        failures.append(f"reader {k} saw version {r.version} released")
                         return
                 n += 1
                 if n % 16 == 0:
@@ -80,6 +57,12 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
         reads[k] = n
 
     def writer() -> None:
+        try:
+            write()
+        finally:
+            stop.set()
+
+    def write() -> None:
         version = 0
         with domain.registered():
             deadline = time.monotonic() + seconds
@@ -88,22 +71,12 @@ def run_stress(domain: qsbr.Domain, seconds: float) -> tuple[list[str], list[Res
                 new = Resource(version)
                 all_resources.append(new)
                 old, box.current = box.current, new  # unlink
-                domain.retire(old, Resource.close)
+                domain.retire(old, Resource.release)
                 domain.quiescent()  # the writer holds nothing across swaps
                 if version % 64 == 0:
                     domain.poll()
 
-    readers = [threading.Thread(target=guarded(reader), args=(k,)) for k in range(4)]
-    w = threading.Thread(target=guarded(writer))
-    for t in readers:
-        t.start()
-    w.start()
-    w.join(timeout=seconds + 60)
-    stop.set()
-    for t in readers:
-        t.join(timeout=30)
-    assert not w.is_alive() and not any(t.is_alive() for t in readers)
-    assert not crashes, f"a stress thread crashed: {crashes[:3]!r}"
+    run_threads(writer, *(lambda k=k: reader(k) for k in range(4)), timeout=seconds + 60)
     return failures, all_resources, reads
 
 
@@ -117,10 +90,10 @@ def test_readers_never_see_a_released_resource(background: bool, deferred_limit:
     box_last = all_resources[-1]
     # Retire the last version too, then drain.
     with domain.registered():
-        domain.retire(box_last, Resource.close)
+        domain.retire(box_last, Resource.release)
     assert domain.barrier(timeout=30)
     assert domain.pending == 0
-    counts: dict[int, Any] = {r.version: r.close_count for r in all_resources}
+    counts: dict[int, Any] = {r.version: r.releases for r in all_resources}
     assert set(counts.values()) == {1}, {v: c for v, c in counts.items() if c != 1}
     s = domain.stats()
     assert s.releases == len(all_resources) and s.release_errors == 0

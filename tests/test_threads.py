@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import qsbr
-from conftest import STEP_TIMEOUT, wait_until
-
-
-def _run_thread(target: Callable[[], Any]) -> None:
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(timeout=STEP_TIMEOUT)
-    assert not t.is_alive()
+from helpers import STEP_TIMEOUT, run_threads, wait_until
 
 
 def test_thread_that_exits_registered_is_unregistered(domain: qsbr.Domain) -> None:
-    _run_thread(domain.register)
+    run_threads(domain.register)
     # The thread's locals are cleared as it ends; allow the interpreter a
     # moment to finish tearing the thread down after join() returns.
     assert wait_until(lambda: domain.stats().threads == 0)
@@ -51,7 +43,7 @@ def test_exited_thread_never_holds_reclamation_back_and_backlog_is_adopted(
     t = threading.Thread(target=reader)
     t.start()
     assert reader_ready.wait(STEP_TIMEOUT)
-    _run_thread(writer)
+    run_threads(writer)
     assert domain.pending > 0
     assert not domain.poll()  # the reader still holds them
     reader_go.set()
@@ -91,14 +83,9 @@ def test_thread_churn_leaves_no_state_behind(domain: qsbr.Domain) -> None:
         domain.retire(i, released.append)
 
     for round_ in range(10):
-        threads = [
-            threading.Thread(target=(short_lived if i % 2 else exits_registered), args=(round_ * 20 + i,))
-            for i in range(20)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=STEP_TIMEOUT)
+        run_threads(
+            *((lambda i=round_ * 20 + i: (short_lived if i % 2 else exits_registered)(i)) for i in range(20))
+        )
     gc.collect()
     assert wait_until(lambda: domain.stats().threads == 0)
     assert domain.barrier(timeout=STEP_TIMEOUT)
@@ -129,7 +116,7 @@ def test_detached_context_manager_restores_attachment(domain: qsbr.Domain) -> No
 def test_default_domain_is_one_per_process() -> None:
     assert qsbr.default_domain() is qsbr.default_domain()
     got: list[qsbr.Domain] = []
-    _run_thread(lambda: got.append(qsbr.default_domain()))
+    run_threads(lambda: got.append(qsbr.default_domain()))
     assert got == [qsbr.default_domain()]
 
 
@@ -138,59 +125,49 @@ def test_every_method_concurrently(domain: qsbr.Domain) -> None:
     (docs/api.md, "Thread safety")."""
     released: list[int] = []
     rel_lock = threading.Lock()
-    errors: list[BaseException] = []
     stop = threading.Event()
     per_thread = 300
+    n_workers = 4
 
     def release(i: int) -> None:
         with rel_lock:
             released.append(i)
 
     def worker(k: int) -> None:
+        with domain.registered():
+            for i in range(per_thread):
+                n = k * per_thread + i
+                domain.retire(n, release)
+                domain.quiescent()
+                if i % 7 == 0:
+                    with domain.detached():
+                        domain.poll()
+                if i % 11 == 0:
+                    domain.deferred_advance()
+                    domain.goal_reached(domain.wr_seq)
+                if i % 50 == 0:
+                    # Every other worker quiesces or waits (counted as
+                    # quiescent): a grace period always ends.
+                    assert domain.synchronize(timeout=STEP_TIMEOUT), "synchronize() timed out"
+                if i % 97 == 0:
+                    domain.stats()
+                    _ = domain.pending, domain.rd_seq
+            assert domain.barrier(timeout=STEP_TIMEOUT), "barrier() timed out"
+
+    def workers_then_stop() -> None:
         try:
-            with domain.registered():
-                for i in range(per_thread):
-                    n = k * per_thread + i
-                    domain.retire(n, release)
-                    domain.quiescent()
-                    if i % 7 == 0:
-                        with domain.detached():
-                            domain.poll()
-                    if i % 11 == 0:
-                        domain.deferred_advance()
-                        domain.goal_reached(domain.wr_seq)
-                    if i % 50 == 0:
-                        # Every other worker quiesces or waits (counted as
-                        # quiescent): a grace period always ends.
-                        assert domain.synchronize(timeout=STEP_TIMEOUT), "synchronize() timed out"
-                    if i % 97 == 0:
-                        domain.stats()
-                        _ = domain.pending, domain.rd_seq
-                assert domain.barrier(timeout=STEP_TIMEOUT), "barrier() timed out"
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+            run_threads(*(lambda k=k: worker(k) for k in range(n_workers)), timeout=60)
+        finally:
+            stop.set()
 
     def churner() -> None:
-        try:
-            while not stop.is_set():
-                domain.register()
-                domain.quiescent()
-                domain.unregister()
-                domain.advance()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        while not stop.is_set():
+            domain.register()
+            domain.quiescent()
+            domain.unregister()
+            domain.advance()
 
-    n_workers = 4
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_workers)]
-    churn = threading.Thread(target=churner)
-    churn.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    stop.set()
-    churn.join(timeout=STEP_TIMEOUT)
-    assert not errors, errors
+    run_threads(churner, workers_then_stop, timeout=90)
     assert domain.barrier(timeout=STEP_TIMEOUT)
     assert sorted(released) == list(range(n_workers * per_thread))
     s = domain.stats()

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import qsbr
-from helpers import domain_that_ignores_readers
+from helpers import domain_that_ignores_readers, run_threads
 
 SECONDS = float(os.environ.get("QSBR_TORTURE_SECONDS", "1.5"))
 PIPELINE = 3  # grace periods a version lives through after it is unlinked
@@ -47,7 +47,6 @@ def torture(domain: qsbr.Domain, seconds: float) -> tuple[Counter[int], list[Ver
     histogram: Counter[int] = Counter()
     hist_lock = threading.Lock()
     stop = threading.Event()
-    crashes: list[BaseException] = []
     reads = [0]
 
     def age_one_grace_period(v: Version) -> None:
@@ -61,21 +60,18 @@ def torture(domain: qsbr.Domain, seconds: float) -> tuple[Counter[int], list[Ver
     def reader() -> None:
         local: Counter[int] = Counter()
         n = 0
-        try:
-            with domain.registered():
-                while not stop.is_set():
-                    v = box[0]
-                    for _ in range(20):  # a read-side section of some length
-                        if v.freed:
-                            local[PIPELINE] += 1
-                    local[v.age] += 1
-                    n += 1
-                    domain.quiescent()
-                    if n % 1000 == 0:
-                        with domain.detached():
-                            pass
-        except BaseException as exc:  # noqa: BLE001
-            crashes.append(exc)
+        with domain.registered():
+            while not stop.is_set():
+                v = box[0]
+                for _ in range(20):  # a read-side section of some length
+                    if v.freed:
+                        local[PIPELINE] += 1
+                local[v.age] += 1
+                n += 1
+                domain.quiescent()
+                if n % 1000 == 0:
+                    with domain.detached():
+                        pass
         with hist_lock:
             histogram.update(local)
             reads[0] += n
@@ -94,19 +90,10 @@ def torture(domain: qsbr.Domain, seconds: float) -> tuple[Counter[int], list[Ver
                     domain.quiescent()
                     if k % 32 == 0:
                         domain.poll()
-        except BaseException as exc:  # noqa: BLE001
-            crashes.append(exc)
+        finally:
+            stop.set()
 
-    threads = [threading.Thread(target=reader) for _ in range(READERS)]
-    w = threading.Thread(target=writer)
-    for t in threads:
-        t.start()
-    w.start()
-    w.join(timeout=seconds + 60)
-    stop.set()
-    for t in threads:
-        t.join(timeout=30)
-    assert not crashes, crashes[:3]
+    run_threads(writer, *([reader] * READERS), timeout=seconds + 60)
     # Unlink the last version too, then let every pipeline run out.
     with domain.registered():
         last, box[0] = box[0], Version(-1)

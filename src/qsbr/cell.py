@@ -13,7 +13,10 @@ Invariants:
   store of the new one are one step, so two set() calls never both retire
   the same old value (that would release it twice).
 * The old value is retired after the store that unlinks it (program order),
-  and outside the lock, so a release may itself call set().
+  and outside the lock, so a release may itself call set(). Its size is
+  asked (``size(old)``) and checked before that store, under the lock: a
+  bad size changes nothing, and no value is ever unlinked without being
+  retired.
 * A value is never retired while it is still published: set(x) with the
   value already in the cell retires nothing.
 """
@@ -27,7 +30,7 @@ from typing import Any, Generic, TypeVar
 from . import _fork
 from .default import domain_or_default
 from .domain import Domain
-from .options import check_callable
+from .options import check_callable, check_int
 
 __all__ = ["Cell"]
 
@@ -105,53 +108,62 @@ class Cell(Generic[T]):
 
     def set(self, new: T) -> None:
         """Publish ``new``; the old value is retired with ``release``."""
-        old = self._swap(new)
         release = self._release
+        old, size = self._swap(new, retiring=release is not None)
         if release is not None and old is not new:
-            self._retire(old, release)
+            self._domain._retire_from_any_thread(old, release, size)
 
     def exchange(self, new: T) -> T:
         """Publish ``new`` and hand the old value back; nothing is retired.
         The caller now owns the old value: readers may still be using it, so
         retire it (domain.retire) rather than closing it at once."""
-        return self._swap(new)
+        return self._swap(new, retiring=False)[0]
 
     def compare_and_set(self, expected: T, new: T) -> bool:
         """If the value *is* ``expected`` (identity), publish ``new``, retire
         the old value and return True; else change nothing and return False."""
+        release = self._release
         with self._lock:
             self._check_open()
             old = self.value
             if old is not expected:
                 return False
+            size = self._size_of(old) if release is not None and old is not new else None
             object.__setattr__(self, "value", new)
-        release = self._release
         if release is not None and old is not new:
-            self._retire(old, release)
+            self._domain._retire_from_any_thread(old, release, size)
         return True
 
     def close(self) -> None:
         """Unpublish and retire the current value; later reads and writes
         raise. Idempotent."""
+        release = self._release
         with self._lock:
             if self._closed:
                 return
             old = self.value
+            size = self._size_of(old) if release is not None else None
             object.__setattr__(self, "_closed", True)
             object.__delattr__(self, "value")
-        if self._release is not None:
-            self._retire(old, self._release)
+        if release is not None:
+            self._domain._retire_from_any_thread(old, release, size)
 
-    def _retire(self, old: T, release: Callable[[T], Any]) -> None:
-        size = self._size
-        self._domain._retire_from_any_thread(old, release, None if size is None else size(old))
-
-    def _swap(self, new: T) -> T:
+    def _swap(self, new: T, retiring: bool) -> tuple[T, int | None]:
+        """Publish ``new``; return the old value and, when it is to be
+        retired, its size (asked before the store: a size() that raises or
+        returns a bad size changes nothing)."""
         with self._lock:  # writers serialize: see the module docstring
             self._check_open()
             old = self.value
+            size = self._size_of(old) if retiring and old is not new else None
             object.__setattr__(self, "value", new)
-            return old
+            return old, size
+
+    def _size_of(self, old: T) -> int | None:
+        """What ``release(old)`` frees, by the ``size`` callable (checked as
+        retire(size=) is), or None for retire()'s own estimate."""
+        size = self._size
+        return None if size is None else check_int("size", size(old), 0, "bytes the release frees")
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,0 +1,127 @@
+"""SharedArray: a growable typed array that readers index without a lock
+(docs/api.md, "qsbr.SharedArray"). Every test runs under both rd_seq
+strategies."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import qsbr
+from helpers import Worker, run_threads
+
+
+def test_shared_array_basics(domain: qsbr.Domain) -> None:
+    a = qsbr.SharedArray("q", domain=domain)
+    assert len(a) == 0 and list(a) == []
+    for i in range(20):
+        a.append(i)
+    a.extend(range(20, 50))
+    assert len(a) == 50 and a[0] == 0 and a[-1] == 49 and a[10:13] == [10, 11, 12]
+    assert list(a) == list(range(50)) and a.tolist() == list(range(50))
+    v = a.view()
+    assert v.readonly and v.tolist() == list(range(50))
+    with pytest.raises(IndexError):
+        a[50]
+    with pytest.raises(TypeError):
+        a.extend([1, "x"])
+    with pytest.raises(TypeError):
+        a.append("x")
+    assert len(a) == 50  # a bad item changed nothing
+    with pytest.raises(OverflowError):
+        qsbr.SharedArray("b", domain=domain).append(1000)
+    for bad in ("u", "z", "dd"):
+        with pytest.raises(ValueError, match="typecode must be one of"):
+            qsbr.SharedArray(bad)
+    with pytest.raises(TypeError, match="typecode must be a str"):
+        qsbr.SharedArray(3)  # type: ignore[arg-type]
+    other = qsbr.BufferPool(domain=qsbr.Domain(stall_timeout=None))
+    with pytest.raises(ValueError, match="another domain"):
+        qsbr.SharedArray("d", pool=other, domain=domain)
+    a.close()
+    with pytest.raises(ValueError, match="closed"):
+        a.append(1)
+    assert len(a) == 0
+
+
+def test_shared_array_resize_retires_old_storage_to_the_pool(domain: qsbr.Domain, worker: Worker) -> None:
+    pool = qsbr.BufferPool(domain=domain, debug=True)
+    a = qsbr.SharedArray("d", pool=pool)
+    a.extend(float(i) for i in range(8))  # fills the first storage exactly
+    worker.call(domain.register)
+    old_view = worker.call(a.view)  # a reader holds the 8-item storage
+    a.append(8.0)  # resize: new storage, old one back to the pool
+    assert len(a) == 9 and a[8] == 8.0
+    waiting = sum(c.waiting for c in pool.stats().classes.values())
+    assert waiting == 1
+    for _ in range(50):  # lots of pool traffic: the old block must not be reused
+        pool.release(pool.acquire(64))
+    assert old_view.tolist() == [float(i) for i in range(8)]
+    domain.advance()
+    worker.call(domain.quiescent)
+    domain.poll()  # rd_seq catches up: the old storage is safe now
+    pool.release(pool.acquire(64))  # reused (and poisoned first)
+    assert old_view.tolist() != [float(i) for i in range(8)]
+    worker.call(domain.unregister)
+
+
+def test_shared_array_readers_see_consistent_versions(domain: qsbr.Domain) -> None:
+    pool = qsbr.BufferPool(domain=domain, debug=True)  # reuse under a reader shows poison
+    a = qsbr.SharedArray("q", pool=pool)
+    stop = threading.Event()
+
+    def reader() -> None:
+        with domain.registered():
+            while not stop.is_set():
+                v = a.view()
+                n = len(v)
+                if n:
+                    assert v[n - 1] == n - 1 and v[n // 2] == n // 2, f"inconsistent view of {n} items"
+                    assert a[n - 1] == n - 1, "a[i] != i"
+                del v
+                domain.quiescent()
+
+    def writer() -> None:
+        try:
+            for i in range(20000):
+                if i % 100 == 0:
+                    a.extend(range(i, i + 100))
+                if i % 1000 == 0:
+                    time.sleep(0)
+        finally:
+            stop.set()
+
+    run_threads(reader, reader, writer, timeout=60)
+    assert a.tolist() == list(range(20000))
+
+
+class EagerPool(qsbr.BufferPool):
+    """Broken on purpose: a released block is free at once, no grace period."""
+
+    def release(self, view: memoryview) -> None:
+        super().release(view)
+        with self._lock:
+            for size, waiting in self._waiting.items():
+                while waiting:
+                    block = waiting.popleft()
+                    block.page.out -= 1
+                    if self._debug:
+                        block.page.buf[block.offset : block.offset + block.size] = (
+                            bytes([qsbr.buffer_pool.POISON]) * block.size
+                        )
+                    self._free[size].append(block)
+
+
+def test_the_resize_check_catches_a_pool_without_grace_periods(domain: qsbr.Domain, worker: Worker) -> None:
+    """The same steps as the resize test above, with a pool that recycles at
+    once: the reader's view of the old storage is overwritten under it."""
+    pool = EagerPool(domain=domain, debug=True)
+    a = qsbr.SharedArray("d", pool=pool)
+    a.extend(float(i) for i in range(8))
+    worker.call(domain.register)
+    old_view = worker.call(a.view)
+    a.append(8.0)  # resize: the old storage goes back to the pool...
+    assert old_view.tolist() != [float(i) for i in range(8)]  # ...and is poisoned under the reader
+    worker.call(domain.unregister)
