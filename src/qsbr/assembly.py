@@ -89,6 +89,7 @@ def assemble(
         read_wr_seq=read_wr_seq,
         advance=advance,
         on_release_error=opts.on_release_error,
+        tls=tls,
     )
     admission = None
     if opts.max_pending is not None or opts.max_pending_bytes is not None:

@@ -386,7 +386,7 @@ class Domain:
         reclaimer = self._reclaimer
         if reclaimer is not None and not self._closed:
             reclaimer.wake()
-        elif not self._reclaim.in_release():
+        elif not getattr(self._tls, "in_release", False):  # Reclamation marks it (reclaim.py)
             self._reclaim.poll(None, state, self._wr_seq)
 
     # -- reclamation -----------------------------------------------------

@@ -59,7 +59,11 @@ class Reclamation:
         read_wr_seq: Callable[[], int],
         advance: Callable[[], int],
         on_release_error: ErrorHandler | None,
+        tls: threading.local,
     ) -> None:
+        """``tls``: the domain's thread-local, where a thread running releases
+        is marked (``tls.in_release``), so that the domain's own hot paths
+        can test the mark without a call."""
         self.work = work
         self.scanner = scanner
         self._timing = timing
@@ -74,7 +78,7 @@ class Reclamation:
         self.scans = 0
         self.grace_periods = 0
         self._lock: Any = threading.Lock()  # guards rd_seq and the counters
-        self._local = threading.local()  # .in_release, per thread
+        self._local = tls
 
     def new_locks(self, factory: Callable[[], Any]) -> None:
         self._lock = factory()
