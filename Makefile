@@ -45,6 +45,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m pip install --quiet -e '.[lint]'
 	$(VPY) -m ruff check src tests benchmarks examples
+	$(VPY) -m ruff format --check src tests benchmarks examples
 	$(VPY) -m mypy
 
 torture: $(STAMP)

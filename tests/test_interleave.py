@@ -263,20 +263,26 @@ def late_reader_scenario(
 
 
 def _pct(n: int) -> Any:
-    return (PCTStrategy(seed, depth=5, steps=100) for seed in range(n))
+    # steps: about the length of one run with switch points in SCAN_MODULES.
+    return (PCTStrategy(seed, depth=5, steps=200) for seed in range(n))
+
+
+#: Switch points for the scan scenario: the pass (scan.py) and the slots a
+#: late reader registers into (registry.py).
+SCAN_MODULES = ("scan.py", "registry.py")
 
 
 def test_pct_finds_the_uncapped_scan_and_the_real_scan_survives() -> None:
-    # Switch points only in scan.py and the scenario: the bug needs five
-    # well-placed switches, and fewer points make them likelier.
+    # Switch points only in the scan, the registry and the scenario: the bug
+    # needs five well-placed switches, and fewer points make them likelier.
     buggy = late_reader_scenario(UncappedScan)
-    runs, failure = explore(buggy, _pct(500), HERE, qsbr_modules=("scan.py",))
+    runs, failure = explore(buggy, _pct(500), HERE, qsbr_modules=SCAN_MODULES)
     assert failure is not None, f"{runs} PCT schedules missed the uncapped scan"
     assert "used after it was released" in str(failure.errors.get("late")), failure.describe()
-    s = Scheduler(Replay(failure.choices), HERE, qsbr_modules=("scan.py",))
+    s = Scheduler(Replay(failure.choices), HERE, qsbr_modules=SCAN_MODULES)
     assert s.run(buggy(s)).failed  # and it replays
     real = late_reader_scenario(IncrementalScan)
-    runs, failure = explore(real, _pct(500), HERE, qsbr_modules=("scan.py",))
+    runs, failure = explore(real, _pct(500), HERE, qsbr_modules=SCAN_MODULES)
     assert failure is None, failure.describe()
     runs, failure = explore(real, (RandomStrategy(seed) for seed in range(300)), HERE)
     assert failure is None, failure.describe()
