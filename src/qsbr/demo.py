@@ -138,7 +138,7 @@ class PlainView:
         line = (
             f"  {t.elapsed:5.1f}s  reads/s {t.reads_per_s:>11,.0f}  swaps {t.swaps:>6,}  "
             f"grace periods/s {t.grace_periods_per_s:>6,.0f}  releases {t.releases:>6,}  "
-            f"backlog {t.pending:>3} ({_mib(t.pending_bytes)}, max {_mib(t.peak_pending_bytes)}"
+            f"backlog {t.pending:>3} ({_mib(t.pending_bytes)}, peak {_mib(t.peak_pending_bytes)}"
         )
         if t.cap_bytes is not None:
             line += f" of cap {_mib(t.cap_bytes)}"
