@@ -23,8 +23,21 @@ def scan(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def domain(scan: str) -> Iterator[qsbr.Domain]:
-    d = qsbr.Domain(scan=scan)
+def debug() -> bool:
+    """Whether the ``domain`` fixture is in debug mode: False, except in the
+    modules that set ``DEBUG_TOO = True`` (the structures' tests), which run
+    both ways (pytest_generate_tests below)."""
+    return False
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "debug" in metafunc.fixturenames and getattr(metafunc.module, "DEBUG_TOO", False):
+        metafunc.parametrize("debug", [False, True], ids=["plain", "debug"])
+
+
+@pytest.fixture
+def domain(scan: str, debug: bool) -> Iterator[qsbr.Domain]:
+    d = qsbr.Domain(scan=scan, debug=debug)
     yield d
     d.close()
 

@@ -48,6 +48,19 @@ def wait_until(pred: Callable[[], bool], timeout: float = STEP_TIMEOUT) -> bool:
     return pred()
 
 
+def read(domain: qsbr.Domain, fn: Callable[[], Any]) -> Any:
+    """``fn()`` inside a read section, the way a test's own thread reads a
+    structure (debug mode refuses an unprotected read); the thread is left
+    as it was, unregistered if it was. What comes back is for identity and
+    value checks: it is no longer protected once this returns."""
+    was_registered = domain.is_registered()
+    with domain.attached():
+        out = fn()
+    if not was_registered:
+        domain.unregister()
+    return out
+
+
 class Resource:
     """A shared resource with an explicit release, as the library's users have
     (a model, an mmap): ``use()`` after ``release()`` is the bug QSBR

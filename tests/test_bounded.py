@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import qsbr
-from conftest import STEP_TIMEOUT, Worker, wait_until
+from helpers import STEP_TIMEOUT, Deadline, Worker, wait_until
 
 MiB = 1 << 20
 
@@ -320,10 +320,12 @@ class StallLog:
             self.reports.append(report)
 
 
-def test_stall_is_reported_once_naming_the_thread(make_worker: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_stall_is_reported_naming_the_thread_and_repeats_with_backoff(
+    make_worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="qsbr")
     log = StallLog()
-    d = qsbr.Domain(stall_timeout=0.2, on_stall=log)
+    d = qsbr.Domain(stall_timeout=0.2, on_stall=log, watchdog=True)
     stuck, fine = make_worker("stuck-reader"), make_worker("fine-reader")
     stuck.call(d.register)
     fine.call(d.register)
@@ -334,21 +336,30 @@ def test_stall_is_reported_once_naming_the_thread(make_worker: Any, caplog: pyte
         d.detach()  # this thread holds nothing: only the stuck reader is late
         # The watchdog notices without anyone polling again.
         assert wait_until(lambda: (fine.call(d.quiescent), len(log.reports) >= 1)[1])
-        time.sleep(0.6)  # three more timeouts: still reported only once
-        assert len(log.reports) == 1
         rep = log.reports[0]
         assert (rep.thread_name, rep.thread_ident) == ("stuck-reader", stuck_ident)
         assert (rep.name, rep.ident) == (rep.thread_name, rep.thread_ident)
-        assert rep.stalled_for >= 0.2
+        assert rep.stalled_for >= 0.2 and rep.report == 1
         assert rep.grace_periods_behind >= 1
+        assert (rep.pending, rep.pending_bytes) == (1, sys.getsizeof("x"))
         assert "_serve" in rep.stack  # the worker's loop, where it sits
+        # While it lasts the stall is reported again, backing off: the
+        # second report at twice the timeout, the third at four times.
+        assert wait_until(lambda: len(log.reports) >= 2)
+        second = log.reports[1]
+        assert second.report == 2 and second.stalled_for >= 0.4 and second.thread_ident == stuck_ident
+        time.sleep(0.1)
+        assert len(log.reports) == 2  # the third is not due before 0.8 s
+        assert wait_until(lambda: len(log.reports) >= 3)
+        assert log.reports[2].report == 3 and log.reports[2].stalled_for >= 0.8
         records = [r for r in caplog.records if r.name == "qsbr"]
-        assert len(records) == 1 and records[0].levelno == logging.WARNING
+        assert len(records) == len(log.reports) and records[0].levelno == logging.WARNING
         assert "stuck-reader" in records[0].getMessage()
         assert str(stuck_ident) in records[0].getMessage()
+        assert "report 2" in records[1].getMessage()
         assert [r.thread_ident for r in d.stalled()] == [stuck_ident]
-        assert d.stats().stalls == 1
-        # Quiescing ends the stall; a new one is reported again.
+        assert d.stats().stalls == 1  # one stall, however many reports
+        # Quiescing ends the stall; a new one is reported again, as new.
         stuck.call(d.quiescent)
         assert d.poll()
         assert d.stalled() == []
@@ -356,12 +367,95 @@ def test_stall_is_reported_once_naming_the_thread(make_worker: Any, caplog: pyte
         d.retire("y", lambda _: None)
         d.poll()
         d.detach()
-        assert wait_until(lambda: (fine.call(d.quiescent), len(log.reports) >= 2)[1])
-        assert log.reports[1].thread_ident == stuck_ident
+        n = len(log.reports)
+        assert wait_until(lambda: (fine.call(d.quiescent), len(log.reports) > n)[1])
+        assert log.reports[n].thread_ident == stuck_ident and log.reports[n].report == 1
+        assert d.stats().stalls == 2
         stuck.call(d.unregister)
         fine.call(d.unregister)
         assert d.barrier(timeout=STEP_TIMEOUT)
     d.close()
+
+
+def test_no_thread_is_started_unless_asked(make_worker: Any) -> None:
+    """A single-threaded program stays single-threaded: no watchdog by
+    default (3.13t warns at every fork of a multi-threaded process)."""
+    before = {t.ident for t in threading.enumerate()}
+    d = qsbr.Domain(stall_timeout=0.05)
+    with d.registered():
+        for k in range(50):
+            d.retire(k, lambda _: None)
+        assert d.barrier(timeout=STEP_TIMEOUT)
+    assert {t.ident for t in threading.enumerate()} == before
+    d.close()
+    d2 = qsbr.Domain(stall_timeout=0.05, watchdog=True)
+    with d2.registered():
+        d2.retire(1, lambda _: None)
+        assert any(t.name == "qsbr-watchdog" for t in threading.enumerate())
+    d2.close()
+    assert wait_until(lambda: not any(t.name == "qsbr-watchdog" for t in threading.enumerate()))
+
+
+def test_stall_is_reported_from_the_writers_own_polls(make_worker: Any) -> None:
+    """Without a watchdog, the retire() calls that poll run the checks."""
+    log = StallLog()
+    d = qsbr.Domain(stall_timeout=0.1, on_stall=log, deferred_limit=1)
+    stuck = make_worker("stuck-reader")
+    stuck.call(d.register)
+    with d.registered():
+        deadline = Deadline()
+        while not log.reports and deadline:
+            d.retire(object(), lambda _: None)  # every retire advances and polls
+            d.quiescent()
+            time.sleep(0.01)
+    assert log.reports and log.reports[0].thread_name == "stuck-reader"
+    stuck.call(d.unregister)
+    assert d.barrier(timeout=STEP_TIMEOUT)
+    d.close()
+
+
+def test_stall_is_reported_while_synchronize_and_barrier_wait(make_worker: Any) -> None:
+    log = StallLog()
+    d = qsbr.Domain(stall_timeout=0.1, on_stall=log)
+    stuck = make_worker("stuck-reader")
+    stuck.call(d.register)
+    with d.registered():
+        d.retire("x", lambda _: None)
+        assert not d.barrier(timeout=0.5)  # the stuck reader holds it
+    assert log.reports and {r.thread_name for r in log.reports} == {"stuck-reader"}
+    n = len(log.reports)
+    assert not d.synchronize(timeout=1.0)  # the stall goes on: its next report comes while we wait
+    assert len(log.reports) > n
+    stuck.call(d.unregister)
+    assert d.barrier(timeout=STEP_TIMEOUT)
+    d.close()
+
+
+def test_a_growing_backlog_is_reported_long_before_the_timeout(make_worker: Any) -> None:
+    """The reader that forgets to quiesce (../shared/repros/forgot_quiescent_memory.py):
+    with stall_bytes the warning comes once the backlog it holds passes the
+    threshold, not stall_timeout later; the reports carry the backlog."""
+    log = StallLog()
+    d = qsbr.Domain(stall_timeout=30.0, stall_bytes=1 << 20, on_stall=log)
+    stuck = make_worker("request-worker-7")
+    stuck.call(d.register)
+    t0 = time.monotonic()
+    with d.registered():
+        deadline = Deadline()
+        while not log.reports and deadline:
+            d.retire(bytearray(64 << 10), lambda _: None)  # 64 KiB each
+            d.quiescent()
+            time.sleep(0.002)
+    took = time.monotonic() - t0
+    assert log.reports, "no stall report for a growing backlog"
+    rep = log.reports[0]
+    assert rep.thread_name == "request-worker-7" and rep.pending_bytes >= 1 << 20
+    assert took < 5.0  # the timeout is 30 s: the bytes made the report
+    stuck.call(d.unregister)
+    assert d.barrier(timeout=STEP_TIMEOUT)
+    d.close()
+    with pytest.raises(ValueError, match="stall_bytes must be >= 1"):
+        qsbr.Domain(stall_bytes=0)
 
 
 def test_detached_threads_are_never_stalled(make_worker: Any) -> None:

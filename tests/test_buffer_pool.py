@@ -11,6 +11,9 @@ import pytest
 import qsbr
 from helpers import STEP_TIMEOUT, Worker, run_threads
 
+#: Run every test here with the domain in debug mode too (conftest.py).
+DEBUG_TOO = True
+
 
 def test_pool_acquire_sizes_and_errors(domain: qsbr.Domain) -> None:
     pool = qsbr.BufferPool(domain=domain)

@@ -8,17 +8,21 @@ import threading
 import pytest
 
 import qsbr
-from helpers import STEP_TIMEOUT, Resource, Worker, run_threads
+from helpers import STEP_TIMEOUT, Resource, Worker, read, run_threads
+
+#: Run every test here with the domain in debug mode too (conftest.py).
+DEBUG_TOO = True
 
 
 def test_cell_reads_and_retires_after_readers(domain: qsbr.Domain, worker: Worker) -> None:
     first, second = Resource(1), Resource(2)
     cell = qsbr.Cell(first, Resource.release, domain=domain)
-    assert cell.value is first and cell.get() is first and cell.domain is domain
+    assert read(domain, lambda: cell.value) is first and read(domain, cell.get) is first
+    assert cell.domain is domain
     worker.call(domain.register)
     held = worker.call(lambda: cell.value)  # the reader holds `first`
     cell.set(second)  # from an unregistered thread
-    assert cell.value is second
+    assert read(domain, lambda: cell.value) is second
     assert not domain.poll() and not first.released
     assert held.use() == 1
     worker.call(domain.quiescent)
@@ -40,9 +44,9 @@ def test_cell_exchange_and_compare_and_set(domain: qsbr.Domain) -> None:
     cell = qsbr.Cell(a, Resource.release, domain=domain)
     assert cell.exchange(b) is a  # handed back, not retired
     assert not cell.compare_and_set(a, c)  # identity: a is no longer there
-    assert cell.value is b
+    assert read(domain, lambda: cell.value) is b
     assert cell.compare_and_set(b, c)
-    assert cell.value is c
+    assert read(domain, lambda: cell.value) is c
     assert domain.barrier(timeout=STEP_TIMEOUT)
     assert (a.releases, b.releases, c.releases) == (0, 1, 0)
 
@@ -78,7 +82,7 @@ def test_cell_checks_what_its_size_callable_returns(domain: qsbr.Domain, registe
             cell.set(Resource(3))
         with pytest.raises(ValueError, match="size must be >= 0"):
             cell.compare_and_set(old, Resource(5))
-        assert cell.value is old
+        assert read(domain, lambda: cell.value) is old
         assert domain.pending == 0 and domain.pending_bytes == 0
         sizes[0] = 64
         cell.set(Resource(4))  # a good size: retired as usual
@@ -97,7 +101,8 @@ def test_cell_misuse(domain: qsbr.Domain) -> None:
         qsbr.Cell(1, 42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="domain must be a qsbr.Domain"):
         qsbr.Cell(1, domain="d")  # type: ignore[arg-type]
-    assert qsbr.Cell[int](5, domain=domain).value == 5
+    typed = qsbr.Cell[int](5, domain=domain)
+    assert read(domain, lambda: typed.value) == 5
 
 
 def test_cell_close(domain: qsbr.Domain) -> None:
@@ -151,6 +156,6 @@ def test_cell_under_concurrent_readers_and_writers(domain: qsbr.Domain) -> None:
 
     run_threads(reader, reader, reader, writers_then_stop, timeout=90)
     assert domain.barrier(timeout=STEP_TIMEOUT)
-    current = cell.value
+    current = read(domain, lambda: cell.value)
     assert [r.releases for r in made if r is not current] == [1] * (len(made) - 1)
     assert not current.released

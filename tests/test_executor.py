@@ -9,7 +9,10 @@ import threading
 import pytest
 
 import qsbr
-from helpers import STEP_TIMEOUT, Resource, wait_until
+from helpers import STEP_TIMEOUT, Resource, read, wait_until
+
+#: Run every test here with the domain in debug mode too (conftest.py).
+DEBUG_TOO = True
 
 
 def test_executor_workers_are_attached_only_while_running(domain: qsbr.Domain) -> None:
@@ -56,7 +59,7 @@ def test_executor_tasks_hold_a_swapped_value_until_they_finish(domain: qsbr.Doma
     with qsbr.ThreadPoolExecutor(1, domain=domain) as ex:
         fut = ex.submit(task)
         assert loaded.wait(STEP_TIMEOUT)
-        old = cell.value
+        old = read(domain, lambda: cell.value)
         cell.set(Resource(2))
         assert not domain.poll() and not old.released
         finish.set()

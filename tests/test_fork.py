@@ -7,11 +7,12 @@ import os
 import sys
 import threading
 import warnings
+from typing import Any
 
 import pytest
 
 import qsbr
-from conftest import Worker
+from helpers import Worker
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -35,7 +36,9 @@ def _in_child(check: object) -> None:
     assert os.waitstatus_to_exitcode(status) == 0, "the check in the forked child failed"
 
 
-def test_child_keeps_only_the_forking_thread(domain: qsbr.Domain, worker: Worker) -> None:
+@pytest.mark.parametrize("on_fork", ["drop", "adopt"])
+def test_child_keeps_only_the_forking_thread(scan: str, on_fork: str, worker: Worker) -> None:
+    domain = qsbr.Domain(scan=scan, on_fork=on_fork)
     worker.call(domain.register)  # attached, never quiescent: would block everything
     domain.register()
     released: list[int] = []
@@ -48,10 +51,14 @@ def test_child_keeps_only_the_forking_thread(domain: qsbr.Domain, worker: Worker
         assert domain.is_registered()
         # The worker did not survive the fork: nothing waits on it.
         assert domain.barrier(timeout=5)
-        assert released == [1]
+        if on_fork == "adopt":
+            assert released == [1]  # the child ran the parent's release
+        else:
+            assert released == []  # forgotten: the parent's release is the parent's
+            assert domain.stats().forgotten_at_fork == 1 and domain.pending == 0
         domain.retire(2, released.append)
         assert domain.barrier(timeout=5)
-        assert released == [1, 2]
+        assert released[-1] == 2
         # New threads work in the child.
         t = threading.Thread(target=lambda: domain.register() or domain.unregister())
         t.start()
@@ -66,6 +73,41 @@ def test_child_keeps_only_the_forking_thread(domain: qsbr.Domain, worker: Worker
     assert domain.barrier(timeout=5)
     assert released == [1]
     domain.unregister()
+    domain.close()
+
+
+def test_a_child_does_not_run_a_release_the_parent_still_needs(tmp_path: Any) -> None:
+    """../shared/repros/fork_child_runs_parent_releases.py: a release with an
+    outside effect (it deletes a file). By default the child forgets the
+    parent's backlog, so the parent's reader still finds its file."""
+    d = qsbr.Domain()
+    path = tmp_path / "snapshot-0"
+    path.write_text("data")
+    cell = qsbr.Cell(path, lambda p: p.unlink(), domain=d)
+    reader = Worker("reader")
+    try:
+        reader.call(d.register)
+        held = reader.call(lambda: cell.value)  # the parent's reader holds snapshot 0
+        new = tmp_path / "snapshot-1"
+        new.write_text("data")
+        cell.set(new)  # snapshot 0 is pending: the reader holds it
+
+        def check() -> None:
+            assert d.barrier(timeout=2)  # a worker process that shuts down cleanly
+
+        _in_child(check)
+        assert held.read_text() == "data"  # still there: the child did not delete it
+        reader.call(d.unregister)
+        assert d.barrier(timeout=5)
+        assert not path.exists()  # the parent released it, once its reader was done
+    finally:
+        reader.stop()
+        d.close()
+
+
+def test_on_fork_is_checked() -> None:
+    with pytest.raises(ValueError, match='on_fork must be "drop" or "adopt"'):
+        qsbr.Domain(on_fork="keep")
 
 
 def test_child_of_unregistered_thread(domain: qsbr.Domain, worker: Worker) -> None:

@@ -10,7 +10,10 @@ import time
 import pytest
 
 import qsbr
-from helpers import Worker, run_threads
+from helpers import Worker, read, run_threads
+
+#: Run every test here with the domain in debug mode too (conftest.py).
+DEBUG_TOO = True
 
 
 def test_shared_array_basics(domain: qsbr.Domain) -> None:
@@ -53,7 +56,7 @@ def test_shared_array_resize_retires_old_storage_to_the_pool(domain: qsbr.Domain
     worker.call(domain.register)
     old_view = worker.call(a.view)  # a reader holds the 8-item storage
     a.append(8.0)  # resize: new storage, old one back to the pool
-    assert len(a) == 9 and a[8] == 8.0
+    assert read(domain, lambda: (len(a), a[8])) == (9, 8.0)
     waiting = sum(c.waiting for c in pool.stats().classes.values())
     assert waiting == 1
     for _ in range(50):  # lots of pool traffic: the old block must not be reused
@@ -94,7 +97,7 @@ def test_shared_array_readers_see_consistent_versions(domain: qsbr.Domain) -> No
             stop.set()
 
     run_threads(reader, reader, writer, timeout=60)
-    assert a.tolist() == list(range(20000))
+    assert read(domain, a.tolist) == list(range(20000))
 
 
 class EagerPool(qsbr.BufferPool):

@@ -13,7 +13,7 @@ from .buffer_pool import BufferPool, ClassStats, PoolStats
 from .cell import Cell
 from .default import default_domain
 from .domain import Domain
-from .errors import NotRegisteredError, PendingLimitError
+from .errors import NotRegisteredError, PendingLimitError, UnprotectedReadError
 from .executor import ThreadPoolExecutor
 from .shared_array import SharedArray
 from .sizes import estimate_size
@@ -34,6 +34,7 @@ __all__ = [
     "StallReport",
     "ThreadHandle",
     "ThreadPoolExecutor",
+    "UnprotectedReadError",
     "default_domain",
     "estimate_size",
 ]

@@ -50,17 +50,18 @@ class Parts:
             if part is not None:
                 part.new_locks(factory)
 
-    def after_fork_in_child(self, survivor: ThreadState | None) -> None:
+    def after_fork_in_child(self, survivor: ThreadState | None, drop: bool) -> None:
         """Repair every part in a child of os.fork(): only ``survivor`` (the
         forking thread's state, if it was registered) is still registered;
-        the other threads' backlogs are adopted; every lock is new."""
+        the other threads' backlogs are adopted, or with ``drop`` every
+        backlog is forgotten (Domain(on_fork=)); every lock is new."""
         departed = [st for st in self.registry if st is not survivor]
         self.registry.after_fork_in_child(survivor)
         self.timing.after_fork_in_child()
         self.reclaim.after_fork_in_child()
         if self.admission is not None:  # before the work: it gives dropped room back
             self.admission.after_fork_in_child()
-        self.work.after_fork_in_child(departed)
+        self.work.after_fork_in_child(departed, drop)
         self.stalls.after_fork_in_child()
 
 
@@ -75,6 +76,8 @@ def assemble(
     stalls = StallDetector(
         opts.stall_timeout,
         opts.on_stall,
+        stall_bytes=opts.stall_bytes,
+        watchdog=opts.watchdog,
         registry=registry,
         work=work,
         timing=timing,

@@ -6,7 +6,9 @@ load, as cheap as any attribute) and must not keep what they read across
 their next quiescent state. A writer publishes a new value with ``set()``;
 the old one is *retired*: its ``release`` (close(), unmap, return to a pool)
 runs once every thread that might still be using it has passed a quiescent
-state.
+state. A reader must be inside a read section (``with domain.attached():``)
+or registered and quiescing; in debug mode (``Domain(debug=True)`` or
+``QSBR_DEBUG=1``) a read from anywhere else raises UnprotectedReadError.
 
 Invariants:
 * Writers serialize on the cell's lock: the load of the old value and the
@@ -14,11 +16,18 @@ Invariants:
   the same old value (that would release it twice).
 * The old value is retired after the store that unlinks it (program order),
   and outside the lock, so a release may itself call set(). Its size is
-  asked (``size(old)``) and checked before that store, under the lock: a
-  bad size changes nothing, and no value is ever unlinked without being
-  retired.
+  asked (``size(old)``) and checked before that store, under the lock, and
+  so is (in debug mode) that it is not already waiting to be released: a
+  bad size or a double retirement changes nothing, and no value is ever
+  unlinked without being retired.
 * A value is never retired while it is still published: set(x) with the
   value already in the cell retires nothing.
+
+How reads stay a plain attribute: ``value`` is a slot of ``Cell``. A cell of
+a debug-mode domain is a ``CheckedCell``, whose ``value`` is a property that
+checks the reading thread first; a closed cell becomes a ``ClosedCell``,
+whose ``value`` raises. Writes go through the slot itself (``_VALUE``), never
+through whichever ``value`` the instance's class shows.
 """
 
 from __future__ import annotations
@@ -30,21 +39,20 @@ from typing import Any, Generic, TypeVar
 from . import _fork
 from .default import domain_or_default
 from .domain import Domain
+from .errors import UnprotectedReadError
 from .options import check_callable, check_int
 
-__all__ = ["Cell"]
+__all__ = ["Cell", "CheckedCell", "ClosedCell"]
 
 T = TypeVar("T")
-
-_MISSING: Any = object()
 
 
 class Cell(Generic[T]):
     """A shared value: lock-free reads, writes that retire the old value.
 
-    ``Cell(value, release=None, *, domain=None)``: ``release(old)`` runs for
-    each replaced value once no reader can hold it (None: nothing to run,
-    the old value is left to refcounting).
+    ``Cell(value, release=None, *, domain=None, size=None)``: ``release(old)``
+    runs for each replaced value once no reader can hold it (None: nothing
+    to run, the old value is left to refcounting).
     """
 
     __slots__ = ("value", "_release", "_size", "_domain", "_lock", "_closed", "__weakref__", "__orig_class__")
@@ -55,6 +63,11 @@ class Cell(Generic[T]):
     _domain: Domain
     _lock: threading.Lock
     _closed: bool
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Cell[T]:
+        if cls is Cell and domain_or_default(kwargs.get("domain")).debug:
+            cls = CheckedCell  # see the module docstring: reads that check
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -69,8 +82,8 @@ class Cell(Generic[T]):
         check_callable("release", release, "callable (e.g. Cell(model, release=Model.close))")
         check_callable("size", size, "callable(value) -> bytes")
         resolved = domain_or_default(domain)
+        _VALUE.__set__(self, value)
         _store = object.__setattr__
-        _store(self, "value", value)
         _store(self, "_release", release)
         _store(self, "_size", size)
         _store(self, "_domain", resolved)
@@ -93,7 +106,7 @@ class Cell(Generic[T]):
     def __repr__(self) -> str:
         if self._closed:
             return "<qsbr.Cell closed>"
-        return f"<qsbr.Cell {self.value!r}>"
+        return f"<qsbr.Cell {_VALUE.__get__(self, Cell)!r}>"
 
     @property
     def domain(self) -> Domain:
@@ -101,10 +114,7 @@ class Cell(Generic[T]):
 
     def get(self) -> T:
         """The current value; no lock. Do not keep it across a quiescent state."""
-        try:
-            return self.value
-        except AttributeError:
-            raise ValueError("this Cell is closed") from None
+        return self.value
 
     def set(self, new: T) -> None:
         """Publish ``new``; the old value is retired with ``release``."""
@@ -125,46 +135,79 @@ class Cell(Generic[T]):
         release = self._release
         with self._lock:
             self._check_open()
-            old = self.value
+            old = _VALUE.__get__(self, Cell)
             if old is not expected:
                 return False
-            size = self._size_of(old) if release is not None and old is not new else None
-            object.__setattr__(self, "value", new)
+            size = self._checked_retirement(old) if release is not None and old is not new else None
+            _VALUE.__set__(self, new)
         if release is not None and old is not new:
             self._domain._retire_from_any_thread(old, release, size)
         return True
 
     def close(self) -> None:
         """Unpublish and retire the current value; later reads and writes
-        raise. Idempotent."""
+        raise ValueError. Idempotent."""
         release = self._release
         with self._lock:
             if self._closed:
                 return
-            old = self.value
-            size = self._size_of(old) if release is not None else None
+            old = _VALUE.__get__(self, Cell)
+            size = self._checked_retirement(old) if release is not None else None
             object.__setattr__(self, "_closed", True)
-            object.__delattr__(self, "value")
+            # Readers see "closed" from here on, then the value is unlinked.
+            object.__setattr__(self, "__class__", ClosedCell)
+            _VALUE.__delete__(self)
         if release is not None:
             self._domain._retire_from_any_thread(old, release, size)
 
     def _swap(self, new: T, retiring: bool) -> tuple[T, int | None]:
         """Publish ``new``; return the old value and, when it is to be
-        retired, its size (asked before the store: a size() that raises or
-        returns a bad size changes nothing)."""
+        retired, its size (checked before the store: see the invariants)."""
         with self._lock:  # writers serialize: see the module docstring
             self._check_open()
-            old = self.value
-            size = self._size_of(old) if retiring and old is not new else None
-            object.__setattr__(self, "value", new)
+            old = _VALUE.__get__(self, Cell)
+            size = self._checked_retirement(old) if retiring and old is not new else None
+            _VALUE.__set__(self, new)
             return old, size
 
-    def _size_of(self, old: T) -> int | None:
+    def _checked_retirement(self, old: T) -> int | None:
         """What ``release(old)`` frees, by the ``size`` callable (checked as
-        retire(size=) is), or None for retire()'s own estimate."""
+        retire(size=) is; None: retire()'s own estimate). In debug mode,
+        also that ``old`` is not already waiting to be released."""
+        self._domain._check_not_pending(old)
         size = self._size
         return None if size is None else check_int("size", size(old), 0, "bytes the release frees")
 
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this Cell is closed: create a new one")
+
+
+#: The slot that holds a Cell's value, whatever ``value`` the class shows.
+_VALUE: Any = Cell.__dict__["value"]
+
+
+class CheckedCell(Cell[T]):
+    """A Cell of a debug-mode domain: every read checks that the reading
+    thread is protected (registered and attached: in a read section, or
+    quiescing)."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> T:  # type: ignore[override]
+        domain = self._domain
+        if not domain.is_attached():
+            raise UnprotectedReadError.for_read("Cell.value", domain)
+        return _VALUE.__get__(self, Cell)  # type: ignore[no-any-return]
+
+
+class ClosedCell(Cell[T]):
+    """What a Cell becomes when it is closed: reading raises ValueError, as
+    a closed file's methods do."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> T:  # type: ignore[override]
+        raise ValueError("this Cell is closed: cell.value is gone (create a new Cell)")

@@ -120,6 +120,7 @@ class WorkCounts:
     peak_pending_bytes: int
     released: int
     released_bytes: int
+    forgotten: int
     errors: int
     polls: int
     failed_polls: int
@@ -152,6 +153,12 @@ class DeferredWork:
         #: freed by releases that have run. See the module docstring.
         self.departed_bytes = 0
         self.released_bytes = 0
+        #: Releases (and their bytes) a forked child will never run: those
+        #: the parent was running at the fork, and with on_fork="drop" the
+        #: whole backlog, whose entries stay referenced until the child exits.
+        self.forgotten = 0
+        self.forgotten_bytes = 0
+        self.kept_until_exit: list[list[Any]] = []
         self.new_locks(threading.Lock)
 
     def new_locks(self, factory: Callable[[], Any]) -> None:
@@ -164,25 +171,37 @@ class DeferredWork:
         outside the lock (the hard cap gives the room back)."""
         self._on_freed = on_freed
 
-    def after_fork_in_child(self, departed: Iterable[ThreadState]) -> None:
+    def after_fork_in_child(self, departed: Iterable[ThreadState], drop: bool) -> None:
         """In a forked child: adopt the backlogs of threads that did not
-        survive; batches other threads were running died with them."""
+        survive, or with ``drop`` forget every backlog (Domain(on_fork=)).
+        Batches other threads were running ran in the parent, not here."""
         self.new_locks(threading.Lock)
-        # Batches other threads were running in the parent ran there, not
-        # here: they are gone from this process, and so are their bytes.
-        dropped = dropped_bytes = 0
+        forgotten = forgotten_bytes = 0
         for b in self._running.values():
-            dropped += b.remaining
-            dropped_bytes += b.remaining_bytes
-        self.released_bytes += dropped_bytes
+            forgotten += b.remaining
+            forgotten_bytes += b.remaining_bytes
         self._running.clear()
         self._waiters = 0
         for st in departed:
             self._adopt_locked(st)
         for st in self._writers:  # the survivor: its list is its own again
             st.listed = True
-        if dropped and self._on_freed is not None:
-            self._on_freed(dropped, dropped_bytes)
+        if drop:
+            # The parent's releases are the parent's (a release may unlink a
+            # file or return a block the parent still uses): none runs here.
+            # Their objects stay referenced until this process exits, so no
+            # finalizer of theirs runs early either.
+            for buf in self._lists():
+                forgotten += len(buf) // ENTRY
+                forgotten_bytes += sum(buf[3::ENTRY])
+                self.kept_until_exit.append(buf[:])
+                del buf[:]
+            self._adopted = []
+            self._orphans = []
+        self.forgotten += forgotten
+        self.forgotten_bytes += forgotten_bytes
+        if forgotten and self._on_freed is not None:
+            self._on_freed(forgotten, forgotten_bytes)
 
     def _lists(self) -> Iterator[list[Any]]:
         """Every deferred-free list: the writers' own, then the adopted ones."""
@@ -252,7 +271,7 @@ class DeferredWork:
         retired = self.departed_bytes
         for st in self._writers:
             retired += st.retired_bytes
-        return retired - self.released_bytes
+        return retired - self.released_bytes - self.forgotten_bytes
 
     def counts(self) -> WorkCounts:
         """Every counter, read together."""
@@ -266,6 +285,7 @@ class DeferredWork:
                 peak_pending_bytes=max(self.peak_pending_bytes, pending_bytes),
                 released=self.released,
                 released_bytes=self.released_bytes,
+                forgotten=self.forgotten,
                 errors=self.errors,
                 polls=self.polls,
                 failed_polls=self.failed_polls,

@@ -36,10 +36,9 @@ memory orderings that argument needs on both builds: docs/design.md.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from . import _fork
@@ -51,10 +50,11 @@ from .options import DomainOptions, check_int, check_release
 from .reclaimer import ReclaimerThread
 from .registry import Registry
 from .scan import SCAN_STRATEGIES, Scanner
+from .section import DetachedSection, ReadSection, Registered
 from .sizes import SIZERS, estimate_size
 from .stall import StallReport
 from .stats import DomainStats, snapshot
-from .thread_state import Deferrals, ThreadHandle, ThreadState
+from .thread_state import CheckedThreadHandle, Deferrals, ThreadHandle, ThreadState
 
 __all__ = ["Domain"]
 
@@ -79,6 +79,9 @@ class Domain:
         "_reclaimer",
         "_options",
         "_closed",
+        "_debug",
+        "_pending_ids",
+        "_handle_class",
         "__weakref__",
     )
 
@@ -96,6 +99,10 @@ class Domain:
         on_full: str = "block",
         stall_timeout: float | None = 10.0,
         on_stall: Callable[[StallReport], object] | None = None,
+        stall_bytes: int | None = 64 << 20,
+        watchdog: bool = False,
+        on_fork: str = "drop",
+        debug: bool = False,
     ) -> None:
         """Create a domain. Every option is checked here (options.py says
         what each one means, docs/api.md is the contract):
@@ -110,8 +117,14 @@ class Domain:
             (default: sys.unraisablehook).
         max_pending, max_pending_bytes, on_full: a hard cap on the backlog,
             and what retire() does at it ("block" or "raise").
-        stall_timeout, on_stall(report): naming the thread that holds
-            reclamation back (None turns it off).
+        stall_timeout, on_stall(report), stall_bytes, watchdog: naming the
+            thread that holds reclamation back, after a time or past a
+            backlog in bytes (None turns either off); watchdog=True adds a
+            thread that checks even when nobody polls.
+        on_fork: "drop" (a forked child forgets the parent's backlog) or
+            "adopt" (it runs it).
+        debug: unprotected reads, double retirements and handles used from
+            another thread raise (also on with QSBR_DEBUG=1).
         """
         opts = DomainOptions.checked(
             deferred_limit=deferred_limit,
@@ -126,6 +139,10 @@ class Domain:
             on_full=on_full,
             stall_timeout=stall_timeout,
             on_stall=on_stall,
+            stall_bytes=stall_bytes,
+            watchdog=watchdog,
+            on_fork=on_fork,
+            debug=debug,
         )
         self._options = opts
         self._wr_seq = 1
@@ -134,6 +151,10 @@ class Domain:
         self._deferred_bytes = opts.deferred_bytes
         self._advances = 0
         self._closed = False
+        self._debug = opts.debug
+        #: Debug mode: id() of every object retired and not yet released.
+        self._pending_ids: set[int] = set()
+        self._handle_class = CheckedThreadHandle if opts.debug else ThreadHandle
         # The parts, wired by assembly.py; the hot paths keep direct slots.
         parts = assemble(opts, self._tls, weak_method(self._read_wr_seq), weak_method(self.advance))
         self._parts = parts
@@ -236,7 +257,7 @@ class Domain:
 
         Returns the thread's ThreadHandle, whose quiescent() is the cheap
         form of domain.quiescent() for hot loops (it belongs to this thread)."""
-        return self._registry.register(self, self._wr_seq)
+        return self._registry.register(self, self._wr_seq, self._handle_class).handle
 
     def handle(self) -> ThreadHandle:
         """The calling thread's ThreadHandle (the one register() returned)."""
@@ -253,14 +274,9 @@ class Domain:
         """Whether the calling thread is registered."""
         return getattr(self._tls, "state", None) is not None
 
-    @contextlib.contextmanager
-    def registered(self) -> Iterator[Domain]:
+    def registered(self) -> Registered:
         """``with domain.registered():`` register on enter, unregister on exit."""
-        self.register()
-        try:
-            yield self
-        finally:
-            self.unregister()
+        return Registered(self)
 
     # -- readers: quiescent states --------------------------------------
 
@@ -279,33 +295,44 @@ class Domain:
     def detach(self) -> None:
         """Leave rd_seq while blocking (I/O, sleep, waiting for work): the
         thread must hold no shared references until attach()."""
-        state = self._registry.state_or_raise("detach")
-        # seq = 0 is stored after every read this thread made (program
-        # order), so a scanner that sees 0 may ignore this thread.
-        state.seq = 0
-        self._tls.report_to = state.sink
-        if state.handle is not None:
-            state.handle.report_to = state.sink
+        self._registry.state_or_raise("detach").detach()
 
     def attach(self) -> None:
         """Rejoin after detach(): seq = wr_seq, before any shared read."""
-        state = self._registry.state_or_raise("attach")
-        state.seq = self._wr_seq
-        self._tls.report_to = state
-        if state.handle is not None:
-            state.handle.report_to = state
+        self._registry.state_or_raise("attach").attach(self._wr_seq)
 
-    @contextlib.contextmanager
-    def detached(self) -> Iterator[None]:
-        """``with domain.detached(): blocking_call()``"""
-        state = self._registry.state_or_raise("detached")
-        was_attached = state.seq != 0
-        self.detach()
+    def detached(self) -> DetachedSection:
+        """``with domain.detached(): blocking_call()``: detached for the
+        block, attached again after it if it was attached before."""
         try:
-            yield
-        finally:
-            if was_attached:
-                self.attach()
+            return self._tls.state.detached_section  # type: ignore[no-any-return]
+        except AttributeError:
+            raise NotRegisteredError.for_call("detached") from None
+
+    def attached(self) -> ReadSection:
+        """``with domain.attached():`` a read section: the calling thread is
+        attached for the block (registered first if it is not), and the end
+        of the outermost block is a quiescent state, after which the thread
+        is as it was (detached, or attached). See section.py."""
+        try:
+            return self._tls.state.read_section  # type: ignore[no-any-return]
+        except AttributeError:
+            # First use on this thread: join, and start detached, which is
+            # what the section leaves the thread as between blocks.
+            state = self._registry.register(self, self._wr_seq, self._handle_class)
+            state.detach()
+            return state.read_section
+
+    def is_attached(self) -> bool:
+        """Whether the calling thread is registered and attached: whether
+        what it reads from shared structures is protected now."""
+        state = getattr(self._tls, "state", None)
+        return state is not None and state.seq != 0
+
+    @property
+    def debug(self) -> bool:
+        """Whether debug mode is on (Domain(debug=True) or QSBR_DEBUG=1)."""
+        return self._debug
 
     # -- writers: retiring -----------------------------------------------
 
@@ -324,6 +351,8 @@ class Domain:
             size = sizer(obj) if sizer is not None else estimate_size(obj)
         elif size.__class__ is not int or size < 0:  # the exact check first: it is the cheap one
             size = check_int("size", size, 0, "bytes the release frees")
+        if self._debug and release is not call_no_arg:  # defer(fn) may run fn twice
+            release = self._track(obj, release)
         try:
             state: ThreadState = self._tls.state
         except AttributeError:
@@ -362,10 +391,37 @@ class Domain:
             return self.retire(obj, release, size=size)
         check_release(release)
         size = estimate_size(obj) if size is None else check_int("size", size, 0, "bytes the release frees")
+        if self._debug:
+            release = self._track(obj, release)
         goal = self._push_orphan(obj, release, size)
         self._stalls.ensure_watchdog()
         self._reclaim.poll(None, None, self._wr_seq)
         return goal
+
+    def _track(self, obj: Any, release: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Debug mode: refuse an object already waiting to be released, and
+        remember this one until its release has run."""
+        self._check_not_pending(obj)
+        ids = self._pending_ids
+        ids.add(id(obj))
+
+        def tracked_release(o: Any) -> Any:
+            try:
+                return release(o)
+            finally:
+                ids.discard(id(o))
+
+        return tracked_release
+
+    def _check_not_pending(self, obj: Any) -> None:
+        """Debug mode: ValueError if ``obj`` was retired and its release has
+        not run yet (Cell calls it before it unpublishes a value)."""
+        if self._debug and id(obj) in self._pending_ids:
+            raise ValueError(
+                f"{obj!r} is already waiting to be released: it was retired before, and retiring "
+                "it again would run its release twice. Retire each object once (a Cell value that "
+                "was replaced must not be set again until its release has run)."
+            )
 
     def _push_orphan(self, obj: Any, release: Callable[[Any], Any], size: int) -> int:
         if self._admission is not None:  # admitted over the cap: see admission.py
@@ -483,7 +539,10 @@ class Domain:
         if me is not None:
             me.pid = os.getpid()
         self._lock = threading.Lock()
-        self._parts.after_fork_in_child(me)
+        drop = self._options.on_fork == "drop"
+        self._parts.after_fork_in_child(me, drop)
+        if drop:
+            self._pending_ids.clear()
         if self._reclaimer is not None:
             # The reclaimer thread did not survive; start a fresh one.
             self._reclaimer = ReclaimerThread(self._reclaim, self._options.reclaim_interval)

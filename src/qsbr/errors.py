@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .domain import Domain
     from .stall import StallReport
 
-__all__ = ["NotRegisteredError", "PendingLimitError"]
+__all__ = ["NotRegisteredError", "PendingLimitError", "UnprotectedReadError"]
 
 
 class NotRegisteredError(RuntimeError):
@@ -73,4 +74,28 @@ class PendingLimitError(RuntimeError):
         super().__init__(
             f"retiring {size:,} more bytes would exceed the cap ({'; '.join(caps)} pending); "
             f"{why}. Nothing was queued: the object is still yours."
+        )
+
+
+class UnprotectedReadError(RuntimeError):
+    """Debug mode: a thread read a shared structure (a Cell, a SharedArray)
+    while it was not registered and attached, so nothing would have kept
+    what it read from being released under it.
+
+    Raised only in debug mode (``Domain(debug=True)`` or ``QSBR_DEBUG=1``);
+    outside it such a read is silent, and unsafe.
+    """
+
+    @classmethod
+    def for_read(cls, what: str, domain: Domain) -> UnprotectedReadError:
+        import threading
+
+        name = threading.current_thread().name
+        state = "detached" if domain.is_registered() else "not registered"
+        return cls(
+            f"{what} was read by thread {name!r}, which is {state}: nothing keeps what it read "
+            "from being released while it uses it. Read inside a read section, "
+            "`with domain.attached(): ...` (one line for a request handler), or register() the "
+            "thread and call quiescent() between uses. (Debug mode raises this; without it the "
+            "read is silent.)"
         )

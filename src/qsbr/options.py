@@ -11,6 +11,7 @@ wanted (``True`` is an int to Python, never to a caller).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,19 @@ class DomainOptions:
     stall_timeout: float | None
     #: Also called as on_stall(report) for each new stall.
     on_stall: Callable[[Any], object] | None
+    #: A stall is also reported as soon as the bytes waiting behind the
+    #: stalled thread pass this (64 MiB by default); None: by time only.
+    stall_bytes: int | None
+    #: Start a daemon thread that checks for stalls even when nobody polls.
+    #: Off by default: no hidden thread (stall.py says when a stall can then
+    #: go unreported).
+    watchdog: bool
+    #: In a child of os.fork(): "drop" forgets the parent's backlog (its
+    #: releases never run in the child), "adopt" keeps it and runs it there.
+    on_fork: str
+    #: Debug mode: unprotected reads, double retirements and handles used
+    #: from another thread raise. Also on with QSBR_DEBUG=1.
+    debug: bool
 
     @classmethod
     def checked(
@@ -149,6 +163,10 @@ class DomainOptions:
         on_full: object,
         stall_timeout: object,
         on_stall: object,
+        stall_bytes: object,
+        watchdog: object,
+        on_fork: object,
+        debug: object,
     ) -> DomainOptions:
         check_callable("on_release_error", on_release_error, "callable(exc, obj)")
         check_callable("on_stall", on_stall, "callable(report)")
@@ -168,4 +186,8 @@ class DomainOptions:
             on_full=check_choice("on_full", on_full, ("block", "raise")),
             stall_timeout=check_seconds("stall_timeout", stall_timeout, none_means="no stall detection"),
             on_stall=on_stall,  # type: ignore[arg-type]
+            stall_bytes=check_optional_int("stall_bytes", stall_bytes, 1, "or None for no byte threshold"),
+            watchdog=bool(watchdog),
+            on_fork=check_choice("on_fork", on_fork, ("drop", "adopt")),
+            debug=bool(debug) or os.environ.get("QSBR_DEBUG", "") not in ("", "0"),
         )

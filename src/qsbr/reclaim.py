@@ -208,6 +208,7 @@ class Reclamation:
                 if caller is not None and caller.seq:
                     caller.seq = self.read_wr_seq()
                 return True
+            self.stalls.maybe_check()  # a waiter is a path that already runs: stall.py
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -61,10 +61,10 @@ class Registry:
 
     # -- threads joining and leaving ----------------------------------------
 
-    def register(self, domain: Domain, wr_seq: int) -> ThreadHandle:
+    def register(self, domain: Domain, wr_seq: int, handle_class: type[ThreadHandle]) -> ThreadState:
         """The calling thread joins, attached with seq = ``wr_seq`` (read by
         the caller just before: an older value is harmless, scans are capped
-        at the wr_seq they began with)."""
+        at the wr_seq they began with). Its handle is a ``handle_class``."""
         tls = self._tls
         if getattr(tls, "state", None) is not None:
             raise RuntimeError(
@@ -73,13 +73,12 @@ class Registry:
             )
         # seq is set before the state is published in a slot: a scanner
         # never sees this thread without it.
-        state = ThreadState(threading.get_ident(), threading.current_thread().name, wr_seq)
-        state.handle = handle = ThreadHandle(domain, state)
+        state = ThreadState(domain, tls, wr_seq, handle_class)
         self.add(state)
         tls.state = state
         tls.report_to = state
         tls.sentinel = ExitSentinel(self.thread_exited, state)
-        return handle
+        return state
 
     def unregister(self) -> None:
         """The calling thread leaves (see forget())."""

@@ -27,7 +27,10 @@ memoryview from several threads can lose export-count updates and leave
 views "released" under their users (CPython gh-155606).
 
 Without a pool, storage is a plain bytearray and refcounting frees the old
-one when the last reader drops it, so no grace period is needed.
+one when the last reader drops it, so no grace period is needed. With a
+pool, readers must be protected (in a read section, or registered and
+quiescing); on a debug-mode domain's pool the array is a
+``CheckedSharedArray``, whose reads raise UnprotectedReadError otherwise.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from . import _fork
 from .buffer_pool import BufferPool
 from .default import check_domain
 from .domain import Domain
+from .errors import UnprotectedReadError
 
-__all__ = ["SharedArray"]
+__all__ = ["SharedArray", "CheckedSharedArray"]
 
 #: array typecodes a memoryview can be cast to ('u' and 'w' cannot).
 TYPECODES = "".join(t for t in array.typecodes if t not in "uw")
@@ -70,6 +74,12 @@ class _Storage:
 
 class SharedArray:
     """``SharedArray(typecode, *, pool=None, domain=None)``"""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SharedArray:
+        pool = kwargs.get("pool")
+        if cls is SharedArray and isinstance(pool, BufferPool) and pool.domain.debug:
+            cls = CheckedSharedArray  # reads that check the reading thread
+        return object.__new__(cls)
 
     __slots__ = ("_store", "_typecode", "_itemsize", "_pool", "_lock", "_closed", "__weakref__")
 
@@ -216,3 +226,42 @@ class SharedArray:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this SharedArray is closed")
+
+
+class CheckedSharedArray(SharedArray):
+    """A SharedArray on a debug-mode domain's pool: every read checks that
+    the reading thread is protected (registered and attached)."""
+
+    __slots__ = ()
+
+    def _check_reader(self, what: str) -> None:
+        assert self._pool is not None
+        domain = self._pool.domain
+        if not domain.is_attached():
+            raise UnprotectedReadError.for_read(f"SharedArray.{what}", domain)
+
+    def __len__(self) -> int:
+        self._check_reader("__len__")
+        return super().__len__()
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Any]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        self._check_reader("__getitem__")
+        return super().__getitem__(i)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._check_reader("__iter__")
+        return super().__iter__()
+
+    def view(self) -> memoryview[Any]:
+        self._check_reader("view")
+        return super().view()
+
+    def tolist(self) -> list[Any]:
+        self._check_reader("tolist")
+        return super().tolist()

@@ -9,24 +9,38 @@ Like Linux's RCU stall warnings, a domain watches for it:
   ``seq < min(oldest pending goal, wr_seq)``: some release waits for it, and
   it has not quiesced since wr_seq moved past its ``seq``.
 * It has been *stalled for* the time since wr_seq first advanced past its
-  ``seq`` (the domain keeps the time of each advance not yet covered by
+  ``seq`` (timing.py keeps the time of each advance not yet covered by
   rd_seq): that long it has not reported a quiescent state.
-* Once that exceeds ``stall_timeout``, the stall is reported once: a
-  WARNING on the ``logging`` logger "qsbr" with the thread's name, ident,
-  how long, how many grace periods behind, and its current stack; then
-  ``on_stall(report)`` if given. A quiescent state (a new ``seq``) or a
-  detach ends the stall; the next one is reported again.
+* It is reported when it has been stalled for ``stall_timeout`` seconds, or
+  sooner, as soon as the bytes pending pass ``stall_bytes`` (64 MiB by
+  default) once it has been stalled for ``BYTES_MIN_AGE`` (0.1 s: a reader
+  in the middle of a request while a big model is swapped is not a stall).
+  A report is a WARNING on the ``logging`` logger "qsbr" with the thread's
+  name, ident, how long, how many grace periods behind, the backlog, and
+  its current stack; then ``on_stall(report)`` if given.
+* While the stall lasts the report repeats, backing off as Linux's RCU
+  stall warnings do: report k+1 comes once the stall is 2**k times as old
+  as the timeout, or the backlog 2**k times ``stall_bytes``, whichever is
+  first. Each repeat carries the current backlog. A quiescent state (a new
+  ``seq``) or a detach ends the stall.
 
-Checks run from polls that find work waiting, from writers blocked on the
-hard cap, from the reclaimer, and from a small watchdog thread (started on
-a domain's first retirement when ``stall_timeout`` is set), at most every
-``min(1 s, stall_timeout / 4)``; each is one pass over the registered
-threads, so its cost is spread over that interval, never on quiescent().
+When checks run. No thread is started behind the user's back: a check runs
+on the paths that already run, at most every ``min(1 s, stall_timeout / 4)``
+(one pass over the registered threads; never on quiescent()):
+* a poll that finds work waiting (every deferred_limit-th retire() polls,
+  and so does any poll());
+* synchronize() and barrier() while they wait, and a retire() blocked at
+  the hard cap;
+* the background reclaimer (``Domain(background=True)``);
+* the watchdog thread, only with ``Domain(watchdog=True)``.
+So without a reclaimer or a watchdog, a stall goes unreported exactly when
+no thread retires, polls or waits on the domain: nothing then calls into
+it, and nothing pending grows either (the backlog grows only by retiring).
 
-The detector reads the registry, the oldest pending goal and the
-grace-period times through those parts' own methods, and wr_seq through
-the callables it is given; it holds no reference to the domain (so its
-watchdog thread, which holds it weakly, ends once the domain is gone).
+The detector reads the registry, the deferred work and the grace-period
+times through those parts' own methods, and wr_seq through the callables
+it is given; it holds no reference to the domain (so its watchdog thread,
+which holds it weakly, ends once the domain is gone).
 """
 
 from __future__ import annotations
@@ -49,9 +63,13 @@ if TYPE_CHECKING:
     from .thread_state import ThreadState
     from .timing import GraceTiming
 
-__all__ = ["StallReport", "StallDetector", "logger"]
+__all__ = ["StallReport", "StallDetector", "logger", "BYTES_MIN_AGE"]
 
 logger = logging.getLogger("qsbr")
+
+#: Seconds a thread must have gone without a quiescent state before the byte
+#: threshold alone makes it a stall.
+BYTES_MIN_AGE = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,11 @@ class StallReport:
     stalled_for: float
     #: Its current Python stack (sys._current_frames), formatted; "" if gone.
     stack: str
+    #: The backlog when the report was made: releases and bytes pending.
+    pending: int = 0
+    pending_bytes: int = 0
+    #: 1 for the first report of this stall, 2 and up for its repeats.
+    report: int = 1
 
     @property
     def name(self) -> str:
@@ -81,11 +104,14 @@ class StallReport:
         return self.thread_ident
 
     def message(self) -> str:
+        again = f" (report {self.report}: the stall goes on)" if self.report > 1 else ""
         return (
             f"qsbr: thread {self.thread_name!r} (ident {self.thread_ident}) has not reported a "
-            f"quiescent state for {self.stalled_for:.1f} s while releases wait on it; it is "
-            f"{self.grace_periods_behind} grace periods behind (seq {self.seq}, wr_seq {self.wr_seq}). "
-            "It must call quiescent() between uses of shared data, or detach() while it blocks. "
+            f"quiescent state for {self.stalled_for:.1f} s while releases wait on it{again}; it is "
+            f"{self.grace_periods_behind} grace periods behind (seq {self.seq}, wr_seq {self.wr_seq}), "
+            f"and {self.pending:,} releases ({self.pending_bytes:,} bytes) are pending. "
+            "It must call quiescent() between uses of shared data, or detach() while it blocks "
+            "(or read inside `with domain.attached():`). "
             f"Its stack:\n{self.stack}"
         )
 
@@ -105,6 +131,8 @@ class StallDetector:
         timeout: float | None,
         on_stall: Callable[[StallReport], object] | None,
         *,
+        stall_bytes: int | None,
+        watchdog: bool,
         registry: Registry,
         work: DeferredWork,
         timing: GraceTiming,
@@ -113,7 +141,9 @@ class StallDetector:
     ) -> None:
         self.timeout = timeout
         self.on_stall = on_stall
+        self.stall_bytes = stall_bytes
         self.interval = 1.0 if timeout is None else min(1.0, timeout / 4)
+        self._want_watchdog = watchdog and timeout is not None
         self._registry = registry
         self._work = work
         self._timing = timing
@@ -166,17 +196,26 @@ class StallDetector:
             seq = st.seq
             if seq and seq < need:
                 since = self._timing.advanced_past(seq)
-                out.append(_report(st, seq, wr, 0.0 if since is None else now - since, ""))
+                out.append(_report(st, seq, wr, 0.0 if since is None else now - since, "", 0, 0, 1))
         return out
 
-    def _check_locked(self, every_stack: bool) -> list[StallReport]:
-        """One pass over the threads; reports the new stalls. Stacks are
-        formatted for new stalls (they are logged), and for all of them
-        when ``every_stack``."""
+    def _due(self, age: float, nbytes: int, reports: int) -> bool:
+        """Whether a stall this old, with this backlog, that has had
+        ``reports`` reports, is due for another (see the module docstring)."""
         timeout = self.timeout
         assert timeout is not None
+        limit = self.stall_bytes
+        if not reports:
+            return age >= timeout or (limit is not None and nbytes >= limit and age >= BYTES_MIN_AGE)
+        scale = 1 << reports  # report 2 at twice the timeout (or bytes), report 3 at 4 times, ...
+        return age >= timeout * scale or (limit is not None and nbytes >= limit * scale)
+
+    def _check_locked(self, every_stack: bool) -> list[StallReport]:
+        """One pass over the threads; reports the stalls that are due.
+        Stacks are formatted for reports (they are logged), and for every
+        stalled thread when ``every_stack``."""
         now = time.monotonic()
-        self._next_check = now + self.interval
+        self._next_check = now + (self.interval if self.timeout is not None else 1.0)
         oldest = self._work.oldest_goal()
         if not oldest:
             return []
@@ -186,38 +225,51 @@ class StallDetector:
             # advance too; without it no thread could ever be seen lagging.
             wr = self._advance()
         need = min(oldest, wr)
-        stalled: list[tuple[ThreadState, StallReport]] = []
+        counted = False
+        pending = nbytes = 0
+        stalled: list[tuple[ThreadState, StallReport, bool]] = []
         frames: dict[int, Any] | None = None  # every thread's frame, fetched once per check
         for st in list(self._registry):
             seq = st.seq
             if seq == 0 or seq >= need:  # detached, or not what releases wait on
                 continue
             since = self._timing.advanced_past(seq)
-            if since is None or now - since < timeout:
+            if since is None:
                 continue
-            want_stack = every_stack or st.stall_seq != seq
+            age = now - since
+            if not counted:  # the backlog, read once per check
+                pending, nbytes = self._work.count(), self._work.count_bytes()
+                counted = True
+            reports = st.stall_reports if st.stall_seq == seq else 0
+            due = self._due(age, nbytes, reports)
+            if not due and not reports:  # not stalled (or not yet)
+                continue
+            want_stack = every_stack or due
             if want_stack and frames is None:
                 frames = sys._current_frames()
             stack = _stack_of(st.ident, frames) if want_stack and frames is not None else ""
-            stalled.append((st, _report(st, seq, wr, now - since, stack)))
-        for st, rep in stalled:
-            if st.stall_seq == rep.seq:  # this stall was reported already
+            rep = _report(st, seq, wr, age, stack, pending, nbytes, reports + 1 if due else reports)
+            stalled.append((st, rep, due))
+        for st, rep, due in stalled:
+            if not due:
                 continue
-            st.stall_seq = rep.seq
-            self.reported += 1
+            if st.stall_seq != rep.seq:  # a new stall
+                st.stall_seq = rep.seq
+                self.reported += 1
+            st.stall_reports = rep.report
             logger.warning("%s", rep.message())
             if self.on_stall is not None:
                 try:
                     self.on_stall(rep)
                 except Exception as exc:
                     report_unraisable(exc, self.on_stall, "Exception in qsbr on_stall callback")
-        return [rep for _, rep in stalled]
+        return [rep for _, rep, _ in stalled]
 
     # -- the watchdog thread ---------------------------------------------
 
     def ensure_watchdog(self) -> None:
-        """Start the watchdog thread if stall detection is on and none runs."""
-        if self.timeout is None or self._watchdog is not None or self._stop.is_set():
+        """Start the watchdog thread, if the domain asked for one and none runs."""
+        if not self._want_watchdog or self._watchdog is not None or self._stop.is_set():
             return
         with self._lock:
             if self._watchdog is not None:
@@ -233,7 +285,16 @@ class StallDetector:
             t.join(timeout=5.0)
 
 
-def _report(st: ThreadState, seq: int, wr: int, stalled_for: float, stack: str) -> StallReport:
+def _report(
+    st: ThreadState,
+    seq: int,
+    wr: int,
+    stalled_for: float,
+    stack: str,
+    pending: int,
+    pending_bytes: int,
+    report: int,
+) -> StallReport:
     return StallReport(
         thread_name=st.name,
         thread_ident=st.ident,
@@ -242,6 +303,9 @@ def _report(st: ThreadState, seq: int, wr: int, stalled_for: float, stack: str) 
         grace_periods_behind=(wr - seq) // 2,
         stalled_for=stalled_for,
         stack=stack,
+        pending=pending,
+        pending_bytes=pending_bytes,
+        report=report,
     )
 
 

@@ -33,7 +33,8 @@ class DomainStats:
     scans: int
     #: Times rd_seq moved forward.
     grace_periods: int
-    #: Items ever handed to retire()/defer() (= releases + pending).
+    #: Items ever handed to retire()/defer() (= releases + pending +
+    #: forgotten_at_fork).
     retired: int
     #: Releases that have run, and those that raised.
     releases: int
@@ -61,6 +62,10 @@ class DomainStats:
     #: those that raised PendingLimitError (on_full="raise").
     full_waits: int
     limit_errors: int
+    #: Releases a forked child of this process will never run (it kept only
+    #: their objects): with Domain(on_fork="drop") its whole inherited
+    #: backlog, and in any case what other threads were running at the fork.
+    forgotten_at_fork: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,7 +100,7 @@ def snapshot(
         failed_polls=counts.failed_polls,
         scans=reclaim.scans,
         grace_periods=reclaim.grace_periods,
-        retired=counts.released + counts.pending,
+        retired=counts.released + counts.pending + counts.forgotten,
         releases=counts.released,
         release_errors=counts.errors,
         pending=counts.pending,
@@ -111,4 +116,5 @@ def snapshot(
         stalls=stalls.reported,
         full_waits=admission.full_waits if admission is not None else 0,
         limit_errors=admission.limit_errors if admission is not None else 0,
+        forgotten_at_fork=counts.forgotten,
     )

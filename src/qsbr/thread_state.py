@@ -34,16 +34,18 @@ it on both).
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotRegisteredError
+from .section import DetachedSection, ReadSection
 
 if TYPE_CHECKING:
     from .domain import Domain
 
-__all__ = ["ThreadState", "Sink", "ExitSentinel", "ThreadHandle", "UNREGISTERED"]
+__all__ = ["ThreadState", "Sink", "ExitSentinel", "ThreadHandle", "CheckedThreadHandle", "UNREGISTERED"]
 
 
 class Sink:
@@ -80,24 +82,27 @@ class ThreadHandle:
 
     ``handle.quiescent()`` is ``domain.quiescent()`` without finding the
     thread's state through the domain's threading.local: one load of
-    wr_seq, one store into this thread's state. On 3.11 it costs about half
-    as much; on free-threaded Python it reads one shared object fewer
-    (reads of shared objects are what contend there). docs/benchmarks.md
-    has the figures.
+    wr_seq, one store into this thread's state. docs/benchmarks.md has the
+    figures; on free-threaded Python it also reads one shared object fewer
+    (reads of shared objects are what contend there). ``attach()``,
+    ``detach()``, ``attached()`` and ``detached()`` are the domain's, for
+    this thread, without the thread-local lookup.
 
     A handle belongs to the thread that registered: never pass it to
     another thread (its store would be that thread's quiescent state, a
-    lie). Like tls.report_to, ``report_to`` is the ThreadState while the
-    thread is attached and its private Sink while it is detached (so
-    quiescent() on a detached thread does nothing), and UNREGISTERED once
-    it has left (quiescent() then raises NotRegisteredError).
+    lie; in debug mode that raises RuntimeError). Like tls.report_to,
+    ``report_to`` is the ThreadState while the thread is attached and its
+    private Sink while it is detached (so quiescent() on a detached thread
+    does nothing), and UNREGISTERED once it has left (quiescent() then
+    raises NotRegisteredError).
     """
 
-    __slots__ = ("report_to", "_domain", "__weakref__")
+    __slots__ = ("report_to", "_domain", "_state", "__weakref__")
 
     def __init__(self, domain: Domain, state: ThreadState) -> None:
         self.report_to: ThreadState | Sink | _Unregistered = state
         self._domain = domain
+        self._state = state
 
     @property
     def domain(self) -> Domain:
@@ -108,8 +113,68 @@ class ThreadHandle:
         # The same single store as Domain.quiescent(), ordered the same way.
         self.report_to.seq = self._domain._wr_seq
 
+    def _registered_state(self) -> ThreadState:
+        if self.report_to is UNREGISTERED:
+            UNREGISTERED.seq = 0  # raises NotRegisteredError, with the hint
+        return self._state
+
+    def attached(self) -> ReadSection:
+        """``with handle.attached():`` a read section (see section.py)."""
+        return self._registered_state().read_section
+
+    def detached(self) -> DetachedSection:
+        """``with handle.detached():`` around a blocking call."""
+        return self._registered_state().detached_section
+
+    def attach(self) -> None:
+        """Rejoin after detach(): seq = wr_seq, before any shared read."""
+        self._registered_state().attach(self._domain._wr_seq)
+
+    def detach(self) -> None:
+        """Leave rd_seq while blocking; hold no shared reference until attach()."""
+        self._registered_state().detach()
+
     def __repr__(self) -> str:
         return f"<qsbr.ThreadHandle report_to={self.report_to!r}>"
+
+
+class CheckedThreadHandle(ThreadHandle):
+    """A debug-mode domain's handle: every use checks the calling thread."""
+
+    __slots__ = ("_ident",)
+
+    def __init__(self, domain: Domain, state: ThreadState) -> None:
+        super().__init__(domain, state)
+        self._ident = state.ident
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._ident:
+            raise RuntimeError(
+                f"this ThreadHandle belongs to thread {self._state.name!r} (ident {self._ident}); "
+                f"it was used from {threading.current_thread().name!r}. A handle reports its own "
+                "thread's quiescent states: call domain.register() in each thread and use the "
+                "handle it returns there (or domain.quiescent())"
+            )
+
+    def quiescent(self) -> None:
+        self._check_thread()
+        super().quiescent()
+
+    def attached(self) -> ReadSection:
+        self._check_thread()
+        return super().attached()
+
+    def detached(self) -> DetachedSection:
+        self._check_thread()
+        return super().detached()
+
+    def attach(self) -> None:
+        self._check_thread()
+        super().attach()
+
+    def detach(self) -> None:
+        self._check_thread()
+        super().detach()
 
 
 class ThreadState:
@@ -118,10 +183,14 @@ class ThreadState:
     __slots__ = (
         "seq",
         "handle",
+        "tls",
+        "read_section",
+        "detached_section",
         "deferrals",
         "bytes_at_advance",
         "retired_bytes",
         "stall_seq",
+        "stall_reports",
         "deferred",
         "listed",
         "slot",
@@ -132,7 +201,11 @@ class ThreadState:
         "__weakref__",
     )
 
-    def __init__(self, ident: int, name: str, seq: int) -> None:
+    def __init__(
+        self, domain: Domain, tls: threading.local, seq: int, handle_class: type[ThreadHandle] = ThreadHandle
+    ) -> None:
+        """The calling thread's state in ``domain``, attached with ``seq``
+        (``tls`` is the domain's thread-local)."""
         #: wr_seq as of this thread's last quiescent state; 0 = detached.
         self.seq = seq
         #: Retirements since this thread last advanced wr_seq (the design's
@@ -144,9 +217,11 @@ class ThreadState:
         #: thread while registered.
         self.retired_bytes = 0
         self.bytes_at_advance = 0
-        #: The seq at which a stall of this thread was last reported (a stall
-        #: is reported once; quiescing ends it). Written by stall checkers.
+        #: The seq at which this thread's current stall was first reported
+        #: (quiescing ends a stall), and how many reports it has had since
+        #: (repeats back off: see stall.py). Written by stall checkers.
         self.stall_seq = 0
+        self.stall_reports = 0
         #: This thread's deferred-free list, flat: [goal, fn, arg, size, ...]
         #: (see deferred.py). Appended only by this thread.
         self.deferred: list[Any] = []
@@ -155,14 +230,33 @@ class ThreadState:
         self.listed = False
         #: Index in the registry's slot list; -1 while not registered.
         self.slot = -1
-        self.ident = ident
-        self.name = name
+        self.ident = threading.get_ident()
+        self.name = threading.current_thread().name
         #: The process that registered the thread: after os.fork() the states
         #: of threads that did not survive are recognised by a stale pid.
         self.pid = os.getpid()
         self.sink = Sink()
-        #: The ThreadHandle register() returned (set by Domain.register).
-        self.handle: ThreadHandle | None = None
+        self.tls = tls
+        #: The thread's handle (register() returns it) and its two reusable
+        #: context managers (section.py).
+        self.handle = handle_class(domain, self)
+        self.read_section = ReadSection(self, domain)
+        self.detached_section = DetachedSection(self, domain)
+
+    def attach(self, wr_seq: int) -> None:
+        """Attached again: ``seq = wr_seq``, stored before the thread reads
+        anything shared (program order). Only the owning thread calls it."""
+        self.seq = wr_seq
+        self.tls.report_to = self
+        self.handle.report_to = self
+
+    def detach(self) -> None:
+        """Detached: ``seq = 0``, stored after every shared read the thread
+        made (program order), so a scanner that sees 0 may leave it out."""
+        self.seq = 0
+        sink = self.sink
+        self.tls.report_to = sink
+        self.handle.report_to = sink
 
     def __repr__(self) -> str:
         return f"<ThreadState {self.name!r} ident={self.ident} seq={self.seq}>"
