@@ -15,6 +15,7 @@ from .default import default_domain
 from .domain import Domain
 from .errors import NotRegisteredError, PendingLimitError, UnprotectedReadError
 from .executor import ThreadPoolExecutor
+from .servers import ReadSectionHTTPRequestHandler, ReadSectionMiddleware, ReadSectionMixin
 from .shared_array import SharedArray
 from .sizes import estimate_size
 from .stall import StallReport
@@ -30,6 +31,9 @@ __all__ = [
     "NotRegisteredError",
     "PendingLimitError",
     "PoolStats",
+    "ReadSectionHTTPRequestHandler",
+    "ReadSectionMiddleware",
+    "ReadSectionMixin",
     "SharedArray",
     "StallReport",
     "ThreadHandle",

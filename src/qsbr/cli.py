@@ -6,6 +6,7 @@ import argparse
 import os
 import runpy
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("names", nargs="*", help="benchmarks to run (bench_NAME.py), default all")
     bench.add_argument("--dir", help="the benchmarks folder (default: ./benchmarks)")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke test")
-    bench.add_argument("--out", help="folder for the JSON results (default: benchmarks/results)")
+    bench.add_argument(
+        "--out",
+        help="folder for the JSON results (default: benchmarks/results; a temporary folder with --quick)",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -70,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         names = args.names or sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
         if args.quick:
             os.environ["QSBR_BENCH_QUICK"] = "1"
-        if args.out:
-            os.environ["QSBR_BENCH_OUT"] = str(Path(args.out).resolve())
+        out = args.out
+        if args.quick and not out:
+            # Quick figures are not results: never over the checkout's.
+            out = tempfile.mkdtemp(prefix="qsbr-bench-quick-")
+            print(f"quick run: results go to {out} (pass --out to choose)", flush=True)
+        if out:
+            os.environ["QSBR_BENCH_OUT"] = str(Path(out).resolve())
         for name in names:
             path = folder / f"bench_{name}.py"
             if not path.exists():
