@@ -193,6 +193,79 @@ def main() -> None:
         repeats,
     )
 
+    # What a server pays per request: a read section on a thread that is
+    # detached between requests, beside an uncontended threading.Lock.
+    rs = qsbr.Domain()
+    rs_handle = rs.register()
+    rs.detach()
+    lock = threading.Lock()
+
+    def lock_section(n: int) -> float:
+        lk = lock
+        t = time.perf_counter()
+        for _ in range(n):
+            with lk:
+                pass
+        return time.perf_counter() - t
+
+    def read_section(n: int) -> float:
+        attached = rs.attached
+        t = time.perf_counter()
+        for _ in range(n):
+            with attached():
+                pass
+        return time.perf_counter() - t
+
+    def handle_read_section(n: int) -> float:
+        attached = rs_handle.attached
+        t = time.perf_counter()
+        for _ in range(n):
+            with attached():
+                pass
+        return time.perf_counter() - t
+
+    def attach_quiescent_detach(n: int) -> float:
+        attach, quiesce, detach = rs.attach, rs.quiescent, rs.detach
+        t = time.perf_counter()
+        for _ in range(n):
+            attach()
+            quiesce()
+            detach()
+        return time.perf_counter() - t
+
+    # A Cell read, as fast as an attribute, and what debug mode adds.
+    plain_cell = qsbr.Cell(1, domain=d)
+    debug_domain = qsbr.Domain(debug=True)
+    debug_domain.register()
+    debug_cell = qsbr.Cell(1, domain=debug_domain)
+
+    def cell_read(cell: qsbr.Cell[int]) -> Callable[[int], float]:
+        def case(n: int) -> float:
+            c = cell
+            t = time.perf_counter()
+            for _ in range(n):
+                c.value  # noqa: B018 - the read is what we time
+            return time.perf_counter() - t
+
+        return case
+
+    request = interleaved(
+        {
+            "lock_acquire_release": lock_section,
+            "read_section": read_section,
+            "handle_read_section": handle_read_section,
+            "attach_quiescent_detach": attach_quiescent_detach,
+            "cell_value": cell_read(plain_cell),
+            "cell_value_debug": cell_read(debug_cell),
+        },
+        n // 4,
+        repeats,
+    )
+    rs.unregister()
+    rs.close()
+    debug_domain.unregister()
+    debug_domain.close()
+
     objs = [object() for _ in range(100_000)]
 
     def append_and_release(n: int) -> float:
@@ -255,9 +328,15 @@ def main() -> None:
     fq_ratio = reader["floor_quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
     fr_ratio = writer["floor_retire"]["median_ns"] / writer["append_and_release"]["median_ns"]
     frc_ratio = writer["floor_retire_checked"]["median_ns"] / writer["append_and_release"]["median_ns"]
+    lock_ns = request["lock_acquire_release"]["median_ns"]
+    section_ratio = request["read_section"]["median_ns"] / lock_ns
+    handle_section_ratio = request["handle_read_section"]["median_ns"] / lock_ns
+    triplet_ratio = request["attach_quiescent_detach"]["median_ns"] / lock_ns
+    debug_read_ratio = request["cell_value_debug"]["median_ns"] / request["cell_value"]["median_ns"]
     results = {
         "reader": reader,
         "writer": writer,
+        "request": request,
         "ratios": {
             "quiescent_vs_empty_call": q_ratio,
             "handle_quiescent_vs_empty_call": h_ratio,
@@ -266,6 +345,10 @@ def main() -> None:
             "floor_quiescent_vs_empty_call": fq_ratio,
             "floor_retire_vs_append_call": fr_ratio,
             "floor_retire_checked_vs_append_call": frc_ratio,
+            "read_section_vs_lock": section_ratio,
+            "handle_read_section_vs_lock": handle_section_ratio,
+            "attach_quiescent_detach_vs_lock": triplet_ratio,
+            "debug_cell_read_vs_plain": debug_read_ratio,
         },
         "targets": {"quiescent_vs_empty_call": 2.0, "retire_release_vs_append_call": 5.0},
         "n": {"reader": n, "writer": m, "repeats": repeats},
@@ -273,7 +356,7 @@ def main() -> None:
     path = write_json("core", results)
     mach = machine()
     print(f"python {mach['python']} ({mach['build']}), {mach['cpus']} cpus, {mach['platform']}")
-    for group in (reader, writer):
+    for group in (reader, writer, request):
         for name, r in group.items():
             print(f"  {name:<30} median {r['median_ns']:8.1f} ns/op   min {r['min_ns']:8.1f}")
     print(f"  quiescent / empty method call      {q_ratio:5.2f}x   (target <= 2x)")
@@ -284,6 +367,11 @@ def main() -> None:
     print(f"    quiescent / empty method call    {fq_ratio:5.2f}x")
     print(f"    retire+release / append+call     {fr_ratio:5.2f}x")
     print(f"    the same + TypeError check, size {frc_ratio:5.2f}x")
+    print("  per request, against `with lock: pass` on an uncontended threading.Lock:")
+    print(f"    with domain.attached(): pass     {section_ratio:5.2f}x")
+    print(f"    with handle.attached(): pass     {handle_section_ratio:5.2f}x")
+    print(f"    attach(); quiescent(); detach()  {triplet_ratio:5.2f}x")
+    print(f"  debug mode: Cell.value / plain     {debug_read_ratio:5.2f}x")
     print(f"  wrote {path}")
 
 

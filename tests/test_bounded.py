@@ -571,3 +571,41 @@ def test_counters_move_as_specified(make_worker: Any) -> None:
     reader.call(d.unregister)
     parked.call(d.unregister)
     d.close()
+
+
+def test_an_interrupt_while_retire_waits_at_the_cap_queues_nothing(
+    make_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (KeyboardInterrupt) in a retire() that waits at the cap: the
+    call raises, nothing is queued or reserved, the caller still owns the
+    object (docs/api.md, on_full)."""
+    d = qsbr.Domain(max_pending=1, stall_timeout=None)
+    reader = make_worker("reader")
+    reader.call(d.register)  # holds the first release back: the cap is full
+    calls = {"n": 0}
+    admission = d._admission
+    assert admission is not None
+    real_wait = admission._wait_for_space
+
+    def interrupted(timeout: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real_wait(timeout)
+
+    monkeypatch.setattr(admission, "_wait_for_space", interrupted)
+    released: list[str] = []
+    with d.registered():
+        d.retire("first", released.append)
+        with pytest.raises(KeyboardInterrupt):
+            d.retire("second", released.append)
+        assert d.pending == 1 and admission.reserved_items == 1  # "second" is still ours
+        assert d.is_attached()  # and the thread is as it was before the call
+    reader.call(d.unregister)
+    assert d.barrier(timeout=STEP_TIMEOUT)
+    assert released == ["first"]
+    with d.registered():
+        d.retire("second", released.append)  # retried: the cap has room again
+    assert d.barrier(timeout=STEP_TIMEOUT)
+    assert released == ["first", "second"]
+    d.close()
