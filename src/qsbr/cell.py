@@ -64,8 +64,15 @@ class Cell(Generic[T]):
     _lock: threading.Lock
     _closed: bool
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Cell[T]:
-        if cls is Cell and domain_or_default(kwargs.get("domain")).debug:
+    def __new__(
+        cls,
+        value: T,
+        release: Callable[[T], Any] | None = None,
+        *,
+        domain: Domain | None = None,
+        size: Callable[[T], int] | None = None,
+    ) -> Cell[T]:
+        if cls is Cell and domain_or_default(domain).debug:
             cls = CheckedCell  # see the module docstring: reads that check
         return object.__new__(cls)
 

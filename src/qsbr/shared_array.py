@@ -75,8 +75,9 @@ class _Storage:
 class SharedArray:
     """``SharedArray(typecode, *, pool=None, domain=None)``"""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> SharedArray:
-        pool = kwargs.get("pool")
+    def __new__(
+        cls, typecode: str, *, pool: BufferPool | None = None, domain: Domain | None = None
+    ) -> SharedArray:
         if cls is SharedArray and isinstance(pool, BufferPool) and pool.domain.debug:
             cls = CheckedSharedArray  # reads that check the reading thread
         return object.__new__(cls)
