@@ -147,9 +147,11 @@ class PlainView:
             line += f"  [{t.stuck}]"
         print(line, file=self.stream, flush=True)
         for s in t.stalls[self._named :]:
+            again = f" (report {s.report}: still stalled)" if s.report > 1 else ""
             print(
                 f"  STALL: thread {s.thread_name!r} (ident {s.thread_ident}) has not quiesced for "
-                f"{s.stalled_for:.1f} s, {s.grace_periods_behind} grace periods behind",
+                f"{s.stalled_for:.1f} s, {s.grace_periods_behind} grace periods behind, "
+                f"{_mib(s.pending_bytes)} pending{again}",
                 file=self.stream,
                 flush=True,
             )
@@ -378,10 +380,13 @@ def _summarize(report: DemoReport, ntables: int, write: Callable[[str], Any]) ->
         peak, cap = _mib(r.max_backlog_bytes), _mib(r.cap_bytes)
         write(f"pending bytes peaked at {peak}: {verdict} the cap of {cap}\n")
     for s in r.stalls:
-        write(
-            f"stall reported: thread {s.thread_name!r} (ident {s.thread_ident}), no quiescent state for "
-            f"{s.stalled_for:.1f} s, {s.grace_periods_behind} grace periods behind\n"
-        )
+        if s.report == 1:  # a stall's first report; its repeats back off (stall.py)
+            again = sum(1 for x in r.stalls if x.thread_ident == s.thread_ident and x.report > 1)
+            write(
+                f"stall reported: thread {s.thread_name!r} (ident {s.thread_ident}), no quiescent state "
+                f"for {s.stalled_for:.1f} s, {s.grace_periods_behind} grace periods behind"
+                f"{f', reported again {again} time(s) while it lasted' if again else ''}\n"
+            )
     if r.expected_stall is not None and not r.stalls:
         write(f"FAILED: the stall of {r.expected_stall} was not reported\n")
     if r.ok:
