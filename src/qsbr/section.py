@@ -45,11 +45,12 @@ __all__ = ["ReadSection", "DetachedSection", "Registered"]
 class ReadSection:
     """One thread's ``with domain.attached():`` (see the module docstring)."""
 
-    __slots__ = ("_state", "_domain", "_levels")
+    __slots__ = ("_state", "_domain", "_tls", "_levels")
 
     def __init__(self, state: ThreadState, domain: Domain) -> None:
         self._state = state
         self._domain = domain
+        self._tls = state.tls
         self._levels = 1  # no level open
 
     @property
@@ -57,22 +58,31 @@ class ReadSection:
         """How many blocks of this thread are open."""
         return self._levels.bit_length() - 1
 
+    # __enter__/__exit__ make the stores of ThreadState.attach()/detach()
+    # themselves, in the same order: a context manager must cost no more
+    # than the calls it wraps (a call is most of the cost in pure Python).
+
     def __enter__(self) -> ReadSection:
         st = self._state
         if st.seq:
             self._levels = self._levels << 1 | 1
         else:
             self._levels <<= 1
-            st.attach(self._domain._wr_seq)
+            st.seq = self._domain._wr_seq  # attach: before the block reads anything shared
+            self._tls.report_to = st
+            st.handle.report_to = st
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         levels = self._levels
         self._levels = levels >> 1
         st = self._state
         if not levels & 1:  # this level found the thread detached: so it leaves it
             if st.seq:
-                st.detach()
+                st.seq = 0  # detach: after the block's last shared read
+                sink = st.sink
+                self._tls.report_to = sink
+                st.handle.report_to = sink
         elif levels == 3:  # the outermost block, entered attached: a quiescent state
             if st.seq:
                 st.seq = self._domain._wr_seq
@@ -84,27 +94,34 @@ class DetachedSection:
     """One thread's ``with domain.detached():``: detached for the block, then
     attached again if it was attached when the block began."""
 
-    __slots__ = ("_state", "_domain", "_levels")
+    __slots__ = ("_state", "_domain", "_tls", "_levels")
 
     def __init__(self, state: ThreadState, domain: Domain) -> None:
         self._state = state
         self._domain = domain
+        self._tls = state.tls
         self._levels = 1
 
     def __enter__(self) -> DetachedSection:
         st = self._state
         if st.seq:
             self._levels = self._levels << 1 | 1
-            st.detach()
+            st.seq = 0  # detach (as ThreadState.detach, inlined: see ReadSection)
+            sink = st.sink
+            self._tls.report_to = sink
+            st.handle.report_to = sink
         else:
             self._levels <<= 1
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         levels = self._levels
         self._levels = levels >> 1
         if levels & 1:
-            self._state.attach(self._domain._wr_seq)
+            st = self._state
+            st.seq = self._domain._wr_seq  # attach again, before any shared read
+            self._tls.report_to = st
+            st.handle.report_to = st
 
 
 class Registered:
@@ -120,5 +137,5 @@ class Registered:
         self._domain.register()
         return self._domain
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._domain.unregister()
