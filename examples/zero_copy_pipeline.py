@@ -1,7 +1,15 @@
 """A zero-copy pipeline through qsbr.BufferPool, and the same with a naive pool.
 
-A producer fills pooled buffers and hands views of them to consumer
-threads. A consumer hands the buffer back to the pool as soon as it has
+Part 1, framing: a sender writes length-prefixed frames to a socketpair.
+The receiver recv_into()s a 64 KiB pooled block at a time, cuts it into
+frames with pool.slice(), hands each frame to a worker thread, and gives
+the block's own view back; a worker checks its frame's checksum inside a
+read section and releases it. The block is reused, after a grace period,
+once every frame of it is back: one system call and one block for many
+frames.
+
+Part 2, reuse: a producer fills pooled buffers and hands views of them to
+consumer threads. A consumer hands the buffer back to the pool as soon as it has
 taken it (the next stage "owns" it now), and goes on reading the view for a
 while, as a slow sink or a tensor that still references the memory would.
 
@@ -17,7 +25,10 @@ Run:  python examples/zero_copy_pipeline.py
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
+import struct
 import threading
 import time
 import zlib
@@ -93,8 +104,76 @@ def run(pool: Any, domain: qsbr.Domain) -> int:
     return corrupted[0]
 
 
+HEADER = struct.Struct("<II")  # frame length, crc32 of the payload
+FRAMES = 20_000
+
+
+def framing(domain: qsbr.Domain) -> tuple[int, int, int]:
+    """Part 1. Returns (frames checked, bad checksums, blocks received into)."""
+    pool = qsbr.BufferPool(domain=domain)
+    rx, tx = socket.socketpair()
+    frames: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+    counts = {"frames": 0, "bad": 0, "blocks": 0}
+    lock = threading.Lock()
+
+    def sender() -> None:
+        sizes = [64, 200, 1500, 9000]
+        with tx:
+            for k in range(FRAMES):
+                payload = os.urandom(sizes[k % len(sizes)])
+                tx.sendall(HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+
+    def worker() -> None:
+        ok = bad = 0
+        while (item := frames.get()) is not None:
+            frame, crc = item
+            with domain.attached():  # reading a pooled frame: a read section
+                if zlib.crc32(frame) == crc:
+                    ok += 1
+                else:
+                    bad += 1
+                pool.release(frame)  # its block is reused once all its frames are back
+        with lock:
+            counts["frames"] += ok + bad
+            counts["bad"] += bad
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for t in (*workers, threading.Thread(target=sender)):
+        t.start()
+    carry = b""
+    with rx:
+        while True:
+            block = pool.acquire(65536)  # one system call fills it with many frames
+            counts["blocks"] += 1
+            filled = len(carry)
+            block[:filled] = carry
+            got = rx.recv_into(block[filled:])
+            filled += got
+            off = 0
+            while filled - off >= HEADER.size:
+                n, crc = HEADER.unpack_from(block, off)
+                if filled - off - HEADER.size < n:
+                    break  # the rest of this frame is in the next block
+                start = off + HEADER.size
+                frames.put((pool.slice(block, start, start + n), crc))
+                off = start + n
+            carry = bytes(block[off:filled])
+            pool.release(block)  # the frames keep the block out until they are released
+            if not got:
+                break
+    for _ in workers:
+        frames.put(None)
+    for t in workers:
+        t.join()
+    return counts["frames"], counts["bad"], counts["blocks"]
+
+
 def main() -> None:
     domain = qsbr.Domain()
+    checked, bad, blocks = framing(domain)
+    print(f"framing: {checked:,} frames from {blocks:,} blocks, {bad} bad checksums")
+    if checked != FRAMES or bad:
+        raise SystemExit("framing lost or corrupted a frame: this is a bug")
     safe = run(qsbr.BufferPool(domain=domain), domain)
     naive = run(NaivePool(), domain)
     print(f"qsbr.BufferPool: {safe} of {ITEMS} items corrupted")

@@ -1,15 +1,20 @@
 """BufferPool: zero-copy blocks reused only after a grace period
 (docs/api.md, "qsbr.BufferPool"). Every test runs under both rd_seq
-strategies."""
+strategies, and with the domain in debug mode too."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import queue
+import threading
+import time
 
 import pytest
 
 import qsbr
-from helpers import STEP_TIMEOUT, Worker, run_threads
+from helpers import STEP_TIMEOUT, Worker, run_threads, wait_until
+from qsbr.buffer_pool import POISON
 
 #: Run every test here with the domain in debug mode too (conftest.py).
 DEBUG_TOO = True
@@ -18,34 +23,137 @@ DEBUG_TOO = True
 def test_pool_acquire_sizes_and_errors(domain: qsbr.Domain) -> None:
     pool = qsbr.BufferPool(domain=domain)
     v = pool.acquire(100)
-    assert len(v) == 100 and not v.readonly
+    assert len(v) == 100 and not v.readonly and v.format == "B"
     st = pool.stats().classes
     assert st[256].in_use == 1 and st[64].in_use == 0
     assert pool.stats()["pages"] == pool.stats().pages == 1
     assert set(pool.stats().as_dict()["classes"]) == {64, 256, 1024, 4096, 16384, 65536}
     assert len(pool.acquire(65536)) == 65536
-    with pytest.raises(TypeError, match="int number of bytes"):
-        pool.acquire(1.5)  # type: ignore[arg-type]
-    for bad in (0, -1, 65537):
-        with pytest.raises(ValueError, match="sizes must be in 1..65536"):
-            pool.acquire(bad)
+    for bad in (1.5, "10", True, None):
+        with pytest.raises(TypeError, match="int number of bytes"):
+            pool.acquire(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=">= 0"):
+        pool.acquire(-1)
     with pytest.raises(ValueError, match="released already, or it did not come from this pool"):
-        pool.release(memoryview(bytearray(100)))
-    with pytest.raises(ValueError, match="not a slice"):
-        pool.release(v[:10])
+        pool.release(memoryview(bytearray(100)))  # foreign
+    with pytest.raises(ValueError, match="not out"):
+        pool.release(v[:10])  # a slice made by memoryview, not by pool.slice()
+    for bad_view in (None, b"abc", bytearray(3)):
+        with pytest.raises(TypeError, match="needs a view from this pool"):
+            pool.release(bad_view)  # type: ignore[arg-type]
     pool.release(v)
     with pytest.raises(ValueError, match="released already"):
         pool.release(v)
     for kwargs in ({"size_classes": ()}, {"size_classes": (0,)}, {"page_size": 0}, {"max_bytes": 10}):
         with pytest.raises(ValueError):
             qsbr.BufferPool(**kwargs)  # type: ignore[arg-type]
+    for kwargs in ({"size_classes": ("64",)}, {"page_size": 1.5}, {"max_bytes": "1"}, {"on_full": 1}):
+        with pytest.raises(TypeError):
+            qsbr.BufferPool(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match='on_full must be "block" or "raise"'):
+        qsbr.BufferPool(on_full="drop")
     pool.close()
     with pytest.raises(ValueError, match="closed"):
         pool.acquire(10)
 
 
+def test_an_empty_frame_is_a_view_like_any_other(domain: qsbr.Domain) -> None:
+    pool = qsbr.BufferPool(domain=domain)
+    e = pool.acquire(0)
+    assert isinstance(e, memoryview) and len(e) == 0
+    assert pool.acquire(0) is not e
+    pool.release(e)
+    with pytest.raises(ValueError, match="released already"):
+        pool.release(e)
+    assert pool.stats().bytes_out == 0
+
+
+def test_requests_above_the_largest_class_get_a_block_of_their_own(
+    domain: qsbr.Domain, worker: Worker
+) -> None:
+    """shared/repros/pipeline/shared_array_big.py: bigger storage was refused
+    (ValueError) or bypassed the pool; now it is served, counted, and kept
+    until its grace period is over, under max_bytes too."""
+    pool = qsbr.BufferPool(domain=domain, page_size=1 << 16, max_bytes=1 << 20, on_full="raise")
+    big = pool.acquire(300_000)
+    assert len(big) == 300_000
+    big[-1] = 7
+    s = pool.stats()
+    assert (s.large_blocks, s.large_bytes, s.bytes_out) == (1, 300_000, 300_000)
+    worker.call(domain.register)  # a reader holds it back
+    pool.release(big)
+    assert pool.stats().bytes_waiting == 300_000
+    with pytest.raises(qsbr.PoolExhaustedError):
+        pool.acquire(800_000)  # the released one still counts
+    worker.call(domain.quiescent)
+    again = pool.acquire(800_000)  # freed after its grace period: room again
+    assert len(again) == 800_000 and pool.stats().large_blocks == 1
+    pool.release(again)
+    worker.call(domain.unregister)
+    a = qsbr.SharedArray("q", pool=pool)
+    a.extend(range(20_000))  # 160 KB of storage: through the pool
+    with domain.attached():
+        assert len(a) == 20_000 and a[-1] == 19_999
+    domain.unregister()
+
+
+def test_frames_share_a_block_that_returns_when_every_frame_is_released(
+    domain: qsbr.Domain, worker: Worker
+) -> None:
+    pool = qsbr.BufferPool((1024,), page_size=1024, max_bytes=1024, on_full="raise", domain=domain)
+    block = pool.acquire(1000)
+    block[:] = bytes(range(250)) * 4
+    frames = [pool.slice(block, 100 * k, 100 * (k + 1)) for k in range(10)]
+    assert bytes(frames[3]) == bytes(block[300:400]) and frames[3].format == "B"
+    inner = pool.slice(frames[9], 10, 20)  # a slice of a slice
+    assert bytes(inner) == bytes(block[910:920])
+    empty = pool.slice(block, 5, 5)
+    assert empty.nbytes == 0
+    with pytest.raises(ValueError, match="start <= stop"):
+        pool.slice(block, 10, 2000)
+    with pytest.raises(TypeError, match="start must be an int"):
+        pool.slice(block, 1.0, 2)  # type: ignore[arg-type]
+    pool.release(block)  # the block's own view first: the frames keep it out
+    for f in frames:
+        pool.release(f)
+    assert pool.stats().classes[1024].in_use == 1  # `inner` and the empty slice are still out
+    with pytest.raises(ValueError, match="released already"):
+        pool.release(frames[0])
+    with pytest.raises(ValueError, match="not out"):
+        pool.slice(frames[0], 0, 1)
+    pool.release(inner)
+    with pytest.raises(qsbr.PoolExhaustedError):
+        pool.acquire(1000)  # one slice is still out
+    pool.release(empty)
+    assert pool.stats().classes[1024].waiting == 1
+    assert len(pool.acquire(1000)) == 1000  # back, and safe: nobody is attached
+
+
+def test_buffer_gives_the_block_back(domain: qsbr.Domain) -> None:
+    pool = qsbr.BufferPool(domain=domain)
+    with pool.buffer(100) as v:
+        v[:4] = b"abcd"
+        assert pool.stats().bytes_out == 256
+    assert pool.stats().bytes_out == 0 and pool.stats().classes[256].waiting == 1
+
+
+def test_a_block_never_given_back_is_reported_in_debug_mode(
+    domain: qsbr.Domain, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="qsbr")
+    pool = qsbr.BufferPool(domain=domain, debug=True)
+    with pool.acquire(64) as v:  # the trap: only the memoryview is released
+        v[0] = 1
+    pool.acquire(100)  # dropped at once, never released
+    gc.collect()
+    pool.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "qsbr"]
+    assert len(messages) == 2, messages
+    assert all("never given back" in m and "pool.buffer(n)" in m for m in messages)
+
+
 def test_pool_reuses_a_block_only_after_a_grace_period(domain: qsbr.Domain, worker: Worker) -> None:
-    pool = qsbr.BufferPool((256,), page_size=1024, max_bytes=2048, debug=True, domain=domain)
+    pool = qsbr.BufferPool((256,), page_size=1024, max_bytes=2048, debug=True, domain=domain, on_full="raise")
     worker.call(domain.register)  # a reader that holds the view below
     v = pool.acquire(256)
     v[:] = b"\x07" * 256
@@ -55,18 +163,116 @@ def test_pool_reuses_a_block_only_after_a_grace_period(domain: qsbr.Domain, work
     for o in others:
         o[:] = b"\xff" * 256
     assert bytes(reader_view) == b"\x07" * 256  # untouched: not reused
-    with pytest.raises(MemoryError, match="max_bytes=2,048"):
+    with pytest.raises(qsbr.PoolExhaustedError, match="max_bytes=2,048") as info:
         pool.acquire(256)  # only the waiting block is left, and it is not safe
-    assert pool.stats().classes[256].waiting == 1
+    err = info.value
+    assert isinstance(err, MemoryError) and err.bytes_out == 7 * 256 and err.bytes_waiting == 256
+    assert [h.thread_name for h in err.holders] == ["worker"] and "'worker'" in str(err)
+    assert pool.stats().classes[256].waiting == 1 and pool.stats().exhausted == 1
     worker.call(domain.quiescent)  # the reader is done with it
     again = pool.acquire(256)
-    assert bytes(reader_view) == bytes([qsbr.buffer_pool.POISON]) * 256  # same block, poisoned when safe
+    assert bytes(reader_view) == bytes([POISON]) * 256  # same block, poisoned when safe
     assert bytes(again) == bytes(reader_view)
     worker.call(domain.unregister)
 
 
+def test_debug_poisons_when_the_grace_period_ends_and_catches_a_stale_write(domain: qsbr.Domain) -> None:
+    """shared/repros/pipeline/debug_poison.py: the poison came only at the next
+    acquire(), and a write through a stale view after reuse went unnoticed."""
+    pool = qsbr.BufferPool(domain=domain, debug=True)
+    v = pool.acquire(64)
+    v[:] = b"A" * 64
+    stale = v  # kept past the release: the bug under test
+    pool.release(v)
+    assert domain.synchronize(timeout=STEP_TIMEOUT)
+    domain.poll()  # the grace period is over: poisoned now, not at the next acquire
+    assert bytes(stale[:4]) == bytes([POISON]) * 4
+    stale[:4] = b"EVIL"  # a write through the stale view
+    with pytest.raises(qsbr.UseAfterReleaseError, match="written after its grace period"):
+        pool.acquire(64)
+    w = pool.acquire(64)  # the block is poisoned again and reused
+    assert len(w) == 64
+    assert issubclass(qsbr.UseAfterReleaseError, RuntimeError)
+
+
+def test_a_debug_domain_makes_its_pools_debug(scan: str) -> None:
+    d = qsbr.Domain(scan=scan, debug=True)
+    assert qsbr.BufferPool(domain=d).debug and not qsbr.BufferPool(domain=qsbr.Domain()).debug
+    d.close()
+
+
+def test_acquire_blocks_until_a_block_is_safe_then_times_out(domain: qsbr.Domain, worker: Worker) -> None:
+    """Backpressure instead of MemoryError: the caller waits (counted as
+    quiescent) for the grace period of a released block, or raises after
+    its timeout."""
+    pool = qsbr.BufferPool((1024,), page_size=1024, max_bytes=1024, domain=domain)
+    worker.call(domain.register)
+    pool.release(pool.acquire(1000))  # waits for the worker
+    t0 = time.monotonic()
+    with pytest.raises(qsbr.PoolExhaustedError, match="after waiting") as info:
+        pool.acquire(1000, timeout=0.2)
+    assert time.monotonic() - t0 >= 0.2 and info.value.waited >= 0.2
+    got: list[memoryview] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(1000)))
+    t.start()
+    time.sleep(0.1)
+    assert not got  # still waiting
+    worker.call(domain.quiescent)  # the reader lets go: the block is safe
+    t.join(STEP_TIMEOUT)
+    assert len(got) == 1 and pool.stats().full_waits == 2
+    worker.call(domain.unregister)
+
+
+def test_a_registered_waiter_counts_as_quiescent(domain: qsbr.Domain) -> None:
+    """Two registered threads each hold a released block back from the other
+    only if waiting did not count as quiescent."""
+    pool = qsbr.BufferPool((1024,), page_size=2048, max_bytes=2048, domain=domain)
+
+    def each() -> None:
+        with domain.registered():
+            for _ in range(20):
+                v = pool.acquire(1000, timeout=STEP_TIMEOUT)
+                pool.release(v)
+                domain.quiescent()
+
+    run_threads(each, each, each)
+
+
+def test_trim_gives_free_pages_back(domain: qsbr.Domain) -> None:
+    pool = qsbr.BufferPool((1024,), page_size=4096, domain=domain)
+    views = [pool.acquire(1000) for _ in range(12)]  # three pages
+    assert pool.stats().bytes == 3 * 4096
+    for v in views[:8]:
+        pool.release(v)
+    pool.acquire(1)  # a poll: the released blocks are safe (nobody is attached)
+    assert pool.trim() == 4096  # one page is wholly free; another has a block out
+    s = pool.stats()
+    assert (s.pages, s.trimmed_pages, s.bytes) == (2, 1, 2 * 4096)
+    assert s.bytes_out + s.bytes_waiting + s.bytes_free == s.bytes
+
+
+def test_pages_that_stay_free_are_trimmed_by_the_pool(domain: qsbr.Domain) -> None:
+    pool = qsbr.BufferPool((1024,), page_size=4096, domain=domain, trim_after=0.05)
+    views = [pool.acquire(1000) for _ in range(8)]
+    for v in views:
+        pool.release(v)
+    pool.acquire(1)  # collects them
+    time.sleep(0.1)
+    assert wait_until(lambda: (pool.release(pool.acquire(5000)), pool.stats().trimmed_pages >= 1)[1])
+
+
+def test_stats_after_close() -> None:
+    """shared/repros/pipeline/stats_after_close.py raised a bare KeyError."""
+    pool = qsbr.BufferPool()
+    pool.release(pool.acquire(100))
+    pool.close()
+    s = pool.stats()
+    assert s.closed and s.pages == 0 and s.bytes == 0
+    assert qsbr.BufferPool().stats().bytes == 0
+
+
 def test_pool_page_changes_class_only_after_a_grace_period(domain: qsbr.Domain, worker: Worker) -> None:
-    pool = qsbr.BufferPool((256, 512), page_size=1024, max_bytes=1024, domain=domain)
+    pool = qsbr.BufferPool((256, 512), page_size=1024, max_bytes=1024, domain=domain, on_full="raise")
     worker.call(domain.register)
     v = pool.acquire(200)
     pool.release(v)
@@ -81,18 +287,25 @@ def test_pool_page_changes_class_only_after_a_grace_period(domain: qsbr.Domain, 
 
 
 def test_pool_under_threads_never_hands_out_a_block_in_use(domain: qsbr.Domain) -> None:
-    """Producers fill blocks with a tag and hand views to consumers through
-    a queue; consumers check the tag, release, quiesce. A block reused under
-    a consumer would show another tag."""
+    """Producers fill blocks with a tag and hand views (whole blocks and
+    frames) to consumers through a queue; consumers check the tag, release,
+    quiesce. A block reused under a consumer would show another tag."""
     pool = qsbr.BufferPool((64, 256), page_size=4096, domain=domain)
     q: queue.Queue[tuple[int, memoryview] | None] = queue.Queue(maxsize=64)
 
     def producer(base: int) -> None:
-        for k in range(2000):
+        for k in range(1000):
             tag = (base + k) & 0xFF
             v = pool.acquire(64 if k % 2 else 200)
             v[:] = bytes([tag]) * len(v)
-            q.put((tag, v), timeout=STEP_TIMEOUT)
+            if k % 3 == 0:  # two frames of one block
+                half = len(v) // 2
+                a, b = pool.slice(v, 0, half), pool.slice(v, half, len(v))
+                pool.release(v)
+                q.put((tag, a), timeout=STEP_TIMEOUT)
+                q.put((tag, b), timeout=STEP_TIMEOUT)
+            else:
+                q.put((tag, v), timeout=STEP_TIMEOUT)
 
     def consumer() -> None:
         with domain.registered():
@@ -116,4 +329,25 @@ def test_pool_under_threads_never_hands_out_a_block_in_use(domain: qsbr.Domain) 
 
     run_threads(consumer, consumer, producers_then_stop, timeout=90)
     st = pool.stats()
-    assert sum(c.in_use for c in st.classes.values()) == 0
+    assert sum(c.in_use for c in st.classes.values()) == 0 and st.bytes_out == 0
+
+
+def test_views_dropped_by_many_threads_leave_pages_sound(domain: qsbr.Domain) -> None:
+    """shared/repros/pipeline/pool_export_race.py: views made and dropped by
+    several threads at once. The pages keep no export count (ctypes), so
+    dropping them later says nothing about 'exported buffers'."""
+    pool = qsbr.BufferPool((64,), domain=domain)
+
+    def worker() -> None:
+        with domain.registered():
+            for i in range(5000):
+                v = pool.acquire(64)
+                w = v[1:9]
+                pool.release(v)
+                del v, w
+                if i % 16 == 0:
+                    domain.quiescent()
+
+    run_threads(worker, worker, timeout=60)
+    pool.close()  # drops the pages
+    gc.collect()

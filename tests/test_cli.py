@@ -147,6 +147,7 @@ def test_zero_copy_pipeline_example_shows_what_qsbr_prevents() -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "framing: 20,000 frames from" in out.stdout and ", 0 bad checksums" in out.stdout
     assert "qsbr.BufferPool: 0 of 2000 items corrupted" in out.stdout
     naive = int(out.stdout.split("naive pool:")[1].split("of")[0])
     assert naive > 0  # the naive pool does corrupt: the check can fail

@@ -13,7 +13,13 @@ from .buffer_pool import BufferPool, ClassStats, PoolStats
 from .cell import Cell
 from .default import default_domain
 from .domain import Domain
-from .errors import NotRegisteredError, PendingLimitError, UnprotectedReadError
+from .errors import (
+    NotRegisteredError,
+    PendingLimitError,
+    PoolExhaustedError,
+    UnprotectedReadError,
+    UseAfterReleaseError,
+)
 from .executor import ThreadPoolExecutor
 from .servers import ReadSectionHTTPRequestHandler, ReadSectionMiddleware, ReadSectionMixin
 from .shared_array import SharedArray
@@ -30,6 +36,7 @@ __all__ = [
     "DomainStats",
     "NotRegisteredError",
     "PendingLimitError",
+    "PoolExhaustedError",
     "PoolStats",
     "ReadSectionHTTPRequestHandler",
     "ReadSectionMiddleware",
@@ -39,6 +46,7 @@ __all__ = [
     "ThreadHandle",
     "ThreadPoolExecutor",
     "UnprotectedReadError",
+    "UseAfterReleaseError",
     "default_domain",
     "estimate_size",
 ]

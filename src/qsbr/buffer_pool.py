@@ -3,115 +3,99 @@
 A pool hands out blocks of big preallocated pages as memoryviews, so data
 moves between threads without copies. The danger of any pool is reuse: a
 block recycled while a reader still holds a view of it is overwritten under
-that reader, silently (spdl#1636: 53 of 78 items corrupted). Here a
-released block waits, tagged with a QSBR goal, until every thread that might
-hold a view has passed a quiescent state; only then is it handed out again.
+that reader, silently (spdl#1636: 53 of 78 items corrupted). Here a released
+block waits, tagged with a QSBR goal, until every thread that might hold a
+view has passed a quiescent state; only then is it handed out again.
 
-This is the design's mimalloc rule, for Python buffers:
-* a page is carved into blocks of one size class;
-* a released block is tagged with goal = wr_seq + 2 (a deferred advance:
-  acquire's poll advances to it) and queued; it is reused once
-  goal_reached(goal) (acquire polls the domain when the
-  oldest waiting block is not ready yet);
-* a page whose blocks are all back may serve *another* size class only
-  after the goal of the last block released from it has been reached.
+The design's mimalloc rule governs pages and blocks (pool_pages.py): a
+released block is tagged with goal = wr_seq + 2 and reused once the goal is
+reached; a page changes size class, or is given back (``trim()``), only
+when its blocks are all back and the last one's goal is reached.
+
+Frames: ``slice(view, start, stop)`` makes a view of part of a block that is
+released on its own; a block goes back to the pool when the view acquire()
+returned and every slice made from it have been released (``refs``). So a
+producer receives once into a 64 KiB block and hands out many frames.
 
 Invariants (all under the pool's lock):
-* a block is in exactly one state: out (a view of it is live in
-  ``_out``), waiting (released, goal not yet checked), or free;
-* goals in a class's waiting queue never decrease (each is taken under the
-  lock, from wr_seq which only grows), so only the head needs checking;
-* ``page.out`` counts its blocks that are out or waiting with their goal not
-  known to be reached; a page is re-carved only when it is 0 and its
-  ``last_goal`` has been reached.
+* a block is in exactly one state: out (``refs`` views of it are in
+  ``_out``), waiting (released, its grace period not known to be over), or
+  free; goals in a class's waiting queue never decrease (each is read under
+  the lock from wr_seq, which only grows), so only the head needs checking;
+* the memory the pool holds (pages, and large blocks out or waiting) never
+  passes ``max_bytes``.
 
-Releases need no registered thread, and the pool runs nothing in a
-release callback.
+Memory and views. Pages are ctypes byte arrays, not bytearrays: on
+free-threaded 3.13 a bytearray's (an mmap's, a memoryview's) count of
+exports is updated without atomics, so views made and dropped by several
+threads at once corrupt it (a bytearray: 6 in 20 trials). A ctypes array
+keeps no such count. Every view is made fresh from its page, never by
+slicing a memoryview another thread also uses.
 
-Every view is made from the page's bytearray (``memoryview(page.buf)``), not
-by slicing one shared memoryview of the page: on free-threaded 3.13,
-slicing a memoryview that other threads also slice or drop loses updates
-of its export count and can leave views "released" under their users
-(CPython gh-155606). A fresh export per view keeps each view's bookkeeping
-to the threads that use that view.
+Debug mode (``debug=True``, or a debug-mode domain): a released block is
+also retired to the domain, and when its grace period ends (at whichever
+poll finds it safe) it is filled with 0xDB; only then may it be reused. The
+next acquire() that hands it out checks the poison and raises
+UseAfterReleaseError if a stale view wrote to it meanwhile. Views are held
+weakly, and a block whose views are all gone, or were released by their
+own context manager (``with pool.acquire(n) as v:``), without being given
+back is reported on the "qsbr" logger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+import weakref
 from bisect import bisect_left
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _fork
 from .default import domain_or_default
 from .domain import Domain
-from .options import check_int, check_optional_int
+from .errors import PoolExhaustedError, UseAfterReleaseError
+from .options import check_choice, check_int, check_optional_int, check_seconds
+from .pool_debug import hold, report_leaks
+from .pool_pages import POISON, Block, PageSet, byte_view, new_memory, poison
+from .pool_stats import ClassStats, PoolStats
 
-__all__ = ["BufferPool", "PoolStats", "ClassStats"]
+__all__ = ["BufferPool", "PoolStats", "ClassStats", "POISON", "new_memory", "byte_view"]
 
-POISON = 0xDB  # what debug=True writes over a block once it is safe
 #: With this many blocks of a class waiting, acquire() polls the domain
 #: before carving fresh ones: reuse keeps the pool small and cache-warm.
 POLL_AFTER = 32
+#: How often (in releases) release() looks for pages to give back.
+TRIM_EVERY = 256
+#: How often (in acquires) debug mode looks for views released but not given back.
+LEAK_CHECK_EVERY = 256
 
 
-@dataclass(frozen=True)
-class ClassStats:
-    block_size: int
-    #: Blocks handed out, released but waiting for their grace period, and
-    #: free for reuse.
-    in_use: int
-    waiting: int
-    free: int
+class _Lease:
+    """``with pool.buffer(n) as view:`` acquire on enter, release on exit."""
 
+    __slots__ = ("_pool", "_nbytes", "_timeout", "_view")
 
-@dataclass(frozen=True)
-class PoolStats:
-    pages: int
-    page_size: int
-    #: Bytes of all pages, and the cap (None: no cap).
-    bytes: int
-    max_bytes: int | None
-    #: block size -> its blocks in use / waiting / free.
-    classes: dict[int, ClassStats]
+    def __init__(self, pool: BufferPool, nbytes: int, timeout: float | None) -> None:
+        self._pool, self._nbytes, self._timeout = pool, nbytes, timeout
+        self._view: memoryview | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __enter__(self) -> memoryview:
+        self._view = self._pool.acquire(self._nbytes, timeout=self._timeout)
+        return self._view
 
-    def __getitem__(self, key: str) -> Any:
-        """``stats["pages"]``: the fields, read as a mapping too."""
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-
-class _Page:
-    __slots__ = ("buf", "block_size", "nblocks", "carved", "out", "last_goal")
-
-    def __init__(self, size: int) -> None:
-        self.buf = bytearray(size)  # never resized: views of it stay valid
-        self.block_size = 0
-        self.nblocks = 0
-        self.carved = 0  # blocks made so far (pages are carved lazily)
-        self.out = 0
-        self.last_goal = 0
-
-
-class _Block:
-    __slots__ = ("page", "offset", "size", "goal")
-
-    def __init__(self, page: _Page, offset: int, size: int) -> None:
-        self.page = page
-        self.offset = offset
-        self.size = size
-        self.goal = 0
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            self._pool.release(view)
 
 
 class BufferPool:
     """Pages carved into size classes; blocks reused after a grace period."""
+
+    #: What keeps the pages and blocks (a seam: tests inject broken ones).
+    _pages_class = PageSet
 
     def __init__(
         self,
@@ -121,6 +105,8 @@ class BufferPool:
         max_bytes: int | None = None,
         debug: bool = False,
         domain: Domain | None = None,
+        on_full: str = "block",
+        trim_after: float | None = 30.0,
     ) -> None:
         page_size = check_int("page_size", page_size, 1)
         try:
@@ -136,6 +122,8 @@ class BufferPool:
             raise ValueError(f"every size class must be <= page_size ({page_size}), got {classes[-1]}")
         max_bytes = check_optional_int("max_bytes", max_bytes, page_size, "at least one page")
         resolved = domain_or_default(domain)
+        self._on_full = check_choice("on_full", on_full, ("block", "raise"))
+        self._trim_after = check_seconds("trim_after", trim_after, none_means="never trim by itself")
         self._classes = classes
         self._largest = classes[-1]
         # nbytes -> size class, for the sizes up to 4 KiB (a list index is
@@ -145,16 +133,15 @@ class BufferPool:
         ]
         self._page_size = page_size
         self._max_bytes = max_bytes
-        self._debug = bool(debug)
         self._domain = resolved
+        self._debug = bool(debug) or resolved.debug
         self._lock = threading.Lock()
-        self._pages: list[_Page] = []
-        self._free: dict[int, list[_Block]] = {c: [] for c in classes}
-        self._waiting: dict[int, deque[_Block]] = {c: deque() for c in classes}
-        self._room: dict[int, list[_Page]] = {c: [] for c in classes}  # pages with uncarved blocks
-        self._in_use: dict[int, int] = dict.fromkeys(classes, 0)
-        #: id(view) -> (view, block) for every view handed out and not released.
-        self._out: dict[int, tuple[memoryview, _Block]] = {}
+        self._p = self._pages_class(classes, page_size, max_bytes, resolved, self._debug)
+        #: id(view) -> (view, or a weak reference to it in debug mode; its
+        #: block, None for an empty view; where it starts in the page).
+        self._out: dict[int, tuple[Any, Block | None, int]] = {}
+        self._full_waits = self._exhausted = 0
+        self._releases = self._acquires = 0
         self._closed = False
         _fork.track(self)
 
@@ -162,7 +149,7 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<qsbr.BufferPool classes={self._classes} pages={len(self._pages)}>"
+        return f"<qsbr.BufferPool classes={self._classes} pages={len(self._p.pages)}>"
 
     @property
     def domain(self) -> Domain:
@@ -176,194 +163,327 @@ class BufferPool:
     def largest(self) -> int:
         return self._largest
 
+    @property
+    def debug(self) -> bool:
+        return self._debug
+
     # -- acquire ---------------------------------------------------------
 
-    def acquire(self, nbytes: int) -> memoryview:
-        """A writable view of exactly ``nbytes``, from the smallest class
-        that fits. MemoryError when a new page would pass max_bytes."""
+    def acquire(self, nbytes: int, *, timeout: float | None = None) -> memoryview:
+        """A writable view of exactly ``nbytes``, from the smallest class that
+        fits (a block of its own above the largest class; an empty view for
+        0). Under ``max_bytes``, on_full decides: wait (counted as
+        quiescent) up to ``timeout`` seconds, or PoolExhaustedError."""
         if nbytes.__class__ is not int or not 0 < nbytes <= self._largest:
-            self._refuse(nbytes)
+            return self._acquire_other(nbytes, timeout)
         size = self._class_of[nbytes] if nbytes < len(self._class_of) else self._size_class(nbytes)
         with self._lock:
             # The common case, in one lock section: a free block, or a fresh
             # one carved while few blocks wait for their grace period.
-            if self._closed:
-                raise ValueError("this BufferPool is closed")
-            block: _Block | None = self._take(size, carve=len(self._waiting[size]) < POLL_AFTER)
-            if block is not None:
-                view = memoryview(block.page.buf)[block.offset : block.offset + nbytes]  # a fresh export
-                self._out[id(view)] = (view, block)
-                return view
-            # Released blocks (of any class: a page may change class) may be
-            # safe by now. One poll to the newest head goal covers every
-            # class's oldest block.
-            heads = [w[0].goal for w in self._waiting.values() if w]
-            goal = max(heads) if heads else 0
-        if goal and not self._domain.goal_reached(goal):
-            # Outside our lock: a poll runs other releases, which may use
-            # this pool.
-            self._domain.poll(goal)
-        with self._lock:
             self._check_open()
-            block = self._take(size, carve=True) or self._grow(size)
-            view = memoryview(block.page.buf)[block.offset : block.offset + nbytes]
-            self._out[id(view)] = (view, block)
-            return view
+            block = self._p.take(size, carve=len(self._p.waiting[size]) < POLL_AFTER)
+            if block is not None:
+                return self._hand_out(block, nbytes)
+        pages = self._p
+        return self._acquire_slow(nbytes, lambda: pages.take(size, carve=True) or pages.grow(size), timeout)
 
-    def _refuse(self, nbytes: object) -> None:
+    def buffer(self, nbytes: int, *, timeout: float | None = None) -> _Lease:
+        """``with pool.buffer(n) as view:`` the view is given back on exit.
+        (``with pool.acquire(n) as view:`` only releases the memoryview, and
+        the block is never given back: use this.)"""
+        return _Lease(self, nbytes, timeout)
+
+    def _acquire_other(self, nbytes: object, timeout: float | None) -> memoryview:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
             raise TypeError(f"acquire() needs an int number of bytes, not {type(nbytes).__name__}")
-        if not 0 < nbytes <= self._largest:
-            raise ValueError(
-                f"acquire({nbytes}): sizes must be in 1..{self._largest} (the largest size class); "
-                "allocate bigger buffers directly or add a larger class"
-            )
+        if nbytes < 0:
+            raise ValueError(f"acquire({nbytes}): a size must be >= 0")
+        if nbytes == 0:  # an empty frame is legitimate: a view release() accepts
+            view = memoryview(bytearray())
+            with self._lock:
+                self._check_open()
+                self._out[id(view)] = (self._hold(view), None, 0)
+            return view
+        pages = self._p
+        return self._acquire_slow(nbytes, lambda: pages.large(nbytes), timeout)
+
+    def _acquire_slow(
+        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
+    ) -> memoryview:
+        """Released blocks (of any class: a page may change class) may be
+        safe by now: poll once, then try again; without room, wait or raise."""
+        self._poll_for_waiting()
+        with self._lock:
+            self._check_open()
+            self._maybe_trim()
+            block = attempt()
+            if block is not None:
+                return self._hand_out(block, nbytes)
+        return self._wait_for_room(nbytes, attempt, timeout)
+
+    def _poll_for_waiting(self) -> None:
+        """Outside our lock (a poll runs releases, which may use this pool):
+        one poll to the newest head goal covers every class's oldest block."""
+        with self._lock:
+            heads = self._p.head_goals()
+        if self._debug:
+            if heads:
+                self._domain.poll()  # runs the grace-period callbacks (see the module docstring)
+        elif heads and not self._domain.goal_reached(max(heads)):
+            self._domain.poll(max(heads))
+
+    def _wait_for_room(
+        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
+    ) -> memoryview:
+        if self._on_full == "raise":
+            raise self._exhausted_error(nbytes, 0.0)
+        with self._lock:
+            self._full_waits += 1
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        domain = self._domain
+        # The caller counts as quiescent while it waits, as retire() does
+        # under a cap: it may hold nothing it read from shared structures.
+        with domain.detached() if domain.is_attached() else contextlib.nullcontext():
+            delay = 1e-4
+            while True:
+                self._poll_for_waiting()
+                with self._lock:
+                    self._check_open()
+                    block = attempt()
+                    if block is not None:
+                        return self._hand_out(block, nbytes)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise self._exhausted_error(nbytes, now - start)
+                time.sleep(delay if deadline is None else min(delay, deadline - now))
+                delay = min(delay * 2, 0.02)
+
+    def _exhausted_error(self, nbytes: int, waited: float) -> PoolExhaustedError:
+        with self._lock:
+            self._exhausted += 1
+            out, waiting, _ = self._p.byte_counts()
+            heads = self._p.head_goals()
+        assert self._max_bytes is not None
+        holders = self._domain.holding_back(min(heads)) if heads else []
+        return PoolExhaustedError(
+            nbytes=nbytes,
+            max_bytes=self._max_bytes,
+            bytes_out=out,
+            bytes_waiting=waiting,
+            holders=tuple(holders),
+            waited=waited,
+        )
 
     def _size_class(self, nbytes: int) -> int:
         return self._classes[bisect_left(self._classes, nbytes)]
 
-    def _location(self, view: memoryview) -> tuple[bytearray, int]:
-        """The page and offset of a view that is out (for SharedArray,
-        which makes its readers' views from the page itself)."""
+    def _hold(self, view: memoryview) -> Any:
+        """What ``_out`` keeps of a view: the view, or in debug mode a weak
+        reference that reports the block if the view is dropped unreleased."""
+        if not self._debug:
+            return view
+        pool_ref = weakref.ref(self)
+
+        def dropped(ident: int) -> None:
+            pool = pool_ref()
+            if pool is not None:
+                pool._report_lost(ident)
+
+        return hold(view, dropped)
+
+    def _hand_out(self, block: Block, nbytes: int) -> memoryview:
+        """(Under the lock.) Debug mode checks the poison first."""
+        if block.poisoned:
+            block.poisoned = False
+            stale = byte_view(block.page.mem, block.offset, block.offset + block.size)
+            if stale != poison(block.size):
+                stale[:] = poison(block.size)
+                block.poisoned = True
+                self._p.give_back(block)
+                raise UseAfterReleaseError(
+                    f"a released block of {block.size:,} bytes was written after its grace period "
+                    "ended: a view of it was kept (and written) past its release. Find the code "
+                    "that writes through a view after pool.release() (or after the thread's "
+                    "quiescent state)."
+                )
+        view = byte_view(block.page.mem, block.offset, block.offset + nbytes)
+        block.refs = 1
+        self._out[id(view)] = (self._hold(view), block, block.offset)
+        if self._debug:
+            self._acquires += 1
+            if self._acquires % LEAK_CHECK_EVERY == 0:
+                self._check_leaks()
+        return view
+
+    def _location(self, view: memoryview) -> tuple[Any, int]:
+        """The page memory and offset of a view that is out (for
+        SharedArray, which makes its readers' views from the page itself)."""
         with self._lock:
-            block = self._out[id(view)][1]
-            return block.page.buf, block.offset
-
-    def _take(self, size: int, carve: bool) -> _Block | None:
-        free = self._free[size]
-        if not free:
-            self._collect(size)
-        block = free.pop() if free else self._carve(size) if carve else None
-        if block is None:
-            return None
-        block.page.out += 1
-        self._in_use[size] += 1
-        return block
-
-    def _collect(self, size: int) -> None:
-        """Move waiting blocks whose goal is reached to the free list."""
-        waiting = self._waiting[size]
-        free = self._free[size]
-        reached = self._domain.goal_reached
-        while waiting and reached(waiting[0].goal):
-            block = waiting.popleft()
-            block.page.out -= 1
-            if self._debug:  # same-size slice assignment: allowed while exported
-                block.page.buf[block.offset : block.offset + block.size] = bytes([POISON]) * block.size
-            free.append(block)
-
-    def _carve(self, size: int) -> _Block | None:
-        room = self._room[size]
-        while room:
-            page = room[-1]
-            if page.carved < page.nblocks:
-                block = _Block(page, page.carved * size, size)
-                page.carved += 1
-                return block
-            room.pop()
-        return None
-
-    def _grow(self, size: int) -> _Block:
-        # A page all of whose blocks are back, and safe, may change class.
-        for cls in self._classes:
-            if cls != size:
-                self._collect(cls)
-        reached = self._domain.goal_reached
-        for page in self._pages:
-            if page.block_size != size and page.out == 0 and reached(page.last_goal):
-                self._recarve(page, size)
-                block = self._carve(size)
-                assert block is not None
-                block.page.out += 1
-                self._in_use[size] += 1
-                return block
-        total = (len(self._pages) + 1) * self._page_size
-        if self._max_bytes is not None and total > self._max_bytes:
-            raise MemoryError(
-                f"BufferPool: a new {self._page_size:,}-byte page would pass max_bytes={self._max_bytes:,} "
-                f"({len(self._out):,} views are out; released blocks wait for readers to quiesce)"
-            )
-        page = _Page(self._page_size)
-        self._pages.append(page)
-        self._recarve(page, size)
-        block = self._carve(size)
-        assert block is not None
-        page.out += 1
-        self._in_use[size] += 1
-        return block
-
-    def _recarve(self, page: _Page, size: int) -> None:
-        old = page.block_size
-        if old:
-            # Its blocks are all free (out == 0): forget them.
-            self._free[old] = [b for b in self._free[old] if b.page is not page]
-            self._room[old] = [p for p in self._room[old] if p is not page]
-        page.block_size = size
-        page.nblocks = self._page_size // size
-        page.carved = 0
-        self._room[size].append(page)
+            _, block, offset = self._out[id(view)]
+            assert block is not None
+            return block.page.mem, offset
 
     # -- release ---------------------------------------------------------
 
+    def slice(self, view: memoryview, start: int, stop: int) -> memoryview:
+        """A view of ``view[start:stop]`` that is released on its own: the
+        block goes back to the pool once ``view`` and every slice made from
+        it have been released. ``view`` must be out (acquired or sliced from
+        this pool, not yet released)."""
+        if view.__class__ is not memoryview or start.__class__ is not int or stop.__class__ is not int:
+            _refuse_slice(view, start, stop)
+        with self._lock:
+            if self._closed:
+                raise ValueError("this BufferPool is closed")
+            entry = self._out.get(id(view))
+            # One view per entry, looked up by id(): the identity check tells
+            # a view that is out from another object that reused its id.
+            if entry is None or (entry[0]() if self._debug else entry[0]) is not view:
+                raise ValueError("slice(): this view is not out: released already, or not from this pool")
+            if not 0 <= start <= stop <= view.nbytes:
+                raise ValueError(f"slice(): need 0 <= start <= stop <= {view.nbytes}, got {start}, {stop}")
+            block = entry[1]
+            if block is None:  # a slice of an empty view: empty
+                new = memoryview(bytearray())
+                self._out[id(new)] = (self._hold(new), None, 0)
+                return new
+            start += entry[2]
+            new = memoryview(block.page.mem).cast("B")[
+                start : stop + entry[2]
+            ]  # fresh: see the module docstring
+            block.refs += 1
+            self._out[id(new)] = (self._hold(new) if self._debug else new, block, start)
+            return new
+
     def release(self, view: memoryview) -> None:
-        """Give a view back, once no thread can newly get hold of it (it is
-        out of every queue and structure: the unlink of retire()). Its block
-        is reused only after a grace period, so readers that still hold the
-        view (or slices of it) are safe until their next quiescent state."""
+        """Give a view back (one acquire() returned, or a slice), once no
+        thread can newly get hold of it (it is out of every queue and
+        structure: the unlink of retire()). Its block is reused only after a
+        grace period, once all of its views are back, so readers that still
+        hold the view are safe until their next quiescent state."""
+        if view.__class__ is not memoryview:
+            raise TypeError(f"release() needs a view from this pool, not {type(view).__name__}")
         with self._lock:
             if self._closed:
                 raise ValueError("this BufferPool is closed")
             entry = self._out.pop(id(view), None)
-            if entry is None or entry[0] is not view:
+            if entry is None or (entry[0]() if self._debug else entry[0]) is not view:
                 if entry is not None:
                     self._out[id(view)] = entry
                 raise ValueError(
-                    "BufferPool.release(): this view is not out: it was released already, or it did not "
-                    "come from this pool's acquire() (pass the view acquire() returned, not a slice or copy)"
+                    "BufferPool.release(): this view is not out: it was released already, or it did "
+                    "not come from this pool (pass a view acquire() or slice() returned, not a copy)"
                 )
             block = entry[1]
-            # The design's deferred advance: goal = wr_seq + 2, read after
-            # the caller let go of the view, without advancing; acquire()
-            # polls with this goal, and poll() advances to it. Read under
-            # the lock, so goals in each queue never decrease.
-            goal = self._domain.wr_seq + 2
-            block.goal = goal
-            block.page.last_goal = goal
-            self._in_use[block.size] -= 1
-            self._waiting[block.size].append(block)
+            if block is None or block.refs > 1:
+                if block is not None:
+                    block.refs -= 1
+                return
+            block.refs = 0
+            self._p.retire(block)
+            self._releases += 1
+            if self._releases % TRIM_EVERY == 0:
+                self._maybe_trim()
+        if self._debug:
+            self._domain._retire_from_any_thread(block, self._grace_ended, 0)
+
+    def _held(self, entry: tuple[Any, Block | None, int]) -> memoryview | None:
+        held = entry[0]
+        return held() if self._debug else held  # type: ignore[no-any-return]
+
+    def _grace_ended(self, block: Block) -> None:
+        """Debug mode: the domain's release of a block, run when no thread
+        can hold a view of it. Poison it, then let it be reused."""
+        with self._lock:
+            if self._closed:
+                return
+            if not block.page.large:
+                byte_view(block.page.mem, block.offset, block.offset + block.size)[:] = poison(block.size)
+                block.poisoned = True
+            block.safe = True
+
+    # -- giving memory back -------------------------------------------------
+
+    def trim(self) -> int:
+        """Give back every page whose blocks are all free and safe; returns
+        the bytes given back."""
+        with self._lock:
+            self._check_open()
+            return self._p.trim(lambda page: True)
+
+    def _maybe_trim(self) -> None:
+        """(Under the lock.) The rule: a page that has stayed wholly free for
+        ``trim_after`` seconds is given back by the next acquire() that has
+        to poll, or every TRIM_EVERY-th release()."""
+        if self._trim_after is not None:
+            cutoff = time.monotonic() - self._trim_after
+            self._p.trim(lambda page: page.free_since is not None and page.free_since <= cutoff)
 
     # -- observers and lifetime ------------------------------------------
 
     def stats(self) -> PoolStats:
         with self._lock:
+            if self._closed:
+                return PoolStats(0, self._page_size, 0, self._max_bytes, {}, closed=True)
+            p = self._p
+            out, waiting, free = p.byte_counts()
             return PoolStats(
-                pages=len(self._pages),
+                pages=len(p.pages),
                 page_size=self._page_size,
-                bytes=len(self._pages) * self._page_size,
+                bytes=p.bytes,
                 max_bytes=self._max_bytes,
                 classes={
-                    c: ClassStats(c, self._in_use[c], len(self._waiting[c]), len(self._free[c]))
-                    for c in self._classes
+                    c: ClassStats(c, p.in_use[c], len(p.waiting[c]), len(p.free[c])) for c in self._classes
                 },
+                bytes_out=out,
+                bytes_waiting=waiting,
+                bytes_free=free,
+                large_blocks=p.large_out + len(p.large_waiting),
+                large_bytes=p.bytes - sum(page.size for page in p.pages),
+                trimmed_pages=p.trimmed,
+                full_waits=self._full_waits,
+                exhausted=self._exhausted,
             )
 
     def close(self) -> None:
         """Drop the pool's pages. Views still out stay valid (they keep their
-        page alive); acquire() and release() raise from now on."""
+        memory alive); acquire(), slice() and release() raise from now on."""
         with self._lock:
+            if self._closed:
+                return
+            if self._debug:
+                self._check_leaks(at_close=True)
             self._closed = True
-            self._free.clear()
-            self._waiting.clear()
-            self._room.clear()
+            self._p.clear()
             self._out.clear()
-            self._pages.clear()
 
     def __enter__(self) -> BufferPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this BufferPool is closed")
+
+    # -- debug mode: blocks never given back ----------------------------------
+
+    def _check_leaks(self, at_close: bool = False) -> None:
+        """(Under the lock.) pool_debug.py: blocks never given back."""
+        report_leaks(self._out.values(), at_close)
+
+    def _report_lost(self, ident: int) -> None:
+        """Debug mode: a view out of this pool was garbage-collected."""
+        with self._lock:
+            if not self._closed and ident in self._out:
+                self._check_leaks()
+
+
+def _refuse_slice(view: object, start: object, stop: object) -> None:
+    if not isinstance(view, memoryview):
+        raise TypeError(f"slice() needs a view from this pool, not {type(view).__name__}")
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"slice(): {name} must be an int, not {type(value).__name__}")

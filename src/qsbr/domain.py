@@ -18,15 +18,7 @@ costs tens of nanoseconds on 3.13t) and one small method per word of the
 design, as CPython's Python/qsbr.c has: ``advance``, ``deferred_advance``
 (``_take_goal``), ``register``, ``unregister``, ``attach``, ``detach``,
 ``quiescent``, ``retire``, ``poll``. Everything else is a part it delegates
-to, each in its own module (docs/design.md, "Module map"):
-
-    registry.py   registration, the slots    scan.py       computing rd_seq
-    deferred.py   the deferred-free lists    reclaim.py    poll, synchronize, barrier
-    admission.py  the hard cap               stall.py      stall detection
-    timing.py     grace-period times         reclaimer.py  the background thread
-    options.py    checking the options       stats.py      the counters snapshot
-    assembly.py   how the parts are wired    default.py    the process-wide domain
-
+to, one module each (docs/design.md, "Module map"; assembly.py wires them).
 retire() reaches release(obj) in two hops: retire -> Reclamation.poll
 (reclaim.py) -> DeferredWork.take_ready/run (deferred.py) -> release(obj).
 
@@ -44,6 +36,7 @@ from typing import Any
 from . import _fork
 from ._weak import weak_method
 from .assembly import assemble
+from .debug import PendingObjects
 from .deferred import Call, ErrorHandler, call_no_arg
 from .errors import NotRegisteredError
 from .options import DomainOptions, check_int, check_release
@@ -80,7 +73,7 @@ class Domain:
         "_options",
         "_closed",
         "_debug",
-        "_pending_ids",
+        "_pending",
         "_handle_class",
         "__weakref__",
     )
@@ -104,28 +97,8 @@ class Domain:
         on_fork: str = "drop",
         debug: bool = False,
     ) -> None:
-        """Create a domain. Every option is checked here (options.py says
-        what each one means, docs/api.md is the contract):
-
-        deferred_limit, deferred_bytes: when a thread's retirements advance
-            wr_seq and poll (every deferred_limit-th one, or past
-            deferred_bytes since its last advance).
-        scan: "incremental" (the default) or "flat", how rd_seq is computed.
-        background, reclaim_interval: a reclaimer thread that polls, so that
-            writers never run releases.
-        on_release_error(exc, obj): where a release's exception goes
-            (default: sys.unraisablehook).
-        max_pending, max_pending_bytes, on_full: a hard cap on the backlog,
-            and what retire() does at it ("block" or "raise").
-        stall_timeout, on_stall(report), stall_bytes, watchdog: naming the
-            thread that holds reclamation back, after a time or past a
-            backlog in bytes (None turns either off); watchdog=True adds a
-            thread that checks even when nobody polls.
-        on_fork: "drop" (a forked child forgets the parent's backlog) or
-            "adopt" (it runs it).
-        debug: unprotected reads, double retirements and handles used from
-            another thread raise (also on with QSBR_DEBUG=1).
-        """
+        """Create a domain. Every option is checked here; options.py says
+        what each one means, and docs/api.md is the contract."""
         opts = DomainOptions.checked(
             deferred_limit=deferred_limit,
             scan=scan,
@@ -152,8 +125,8 @@ class Domain:
         self._advances = 0
         self._closed = False
         self._debug = opts.debug
-        #: Debug mode: id() of every object retired and not yet released.
-        self._pending_ids: set[int] = set()
+        #: Debug mode: what is retired and not yet released (debug.py).
+        self._pending = PendingObjects() if opts.debug else None
         self._handle_class = CheckedThreadHandle if opts.debug else ThreadHandle
         # The parts, wired by assembly.py; the hot paths keep direct slots.
         parts = assemble(opts, self._tls, weak_method(self._read_wr_seq), weak_method(self.advance))
@@ -351,8 +324,8 @@ class Domain:
             size = sizer(obj) if sizer is not None else estimate_size(obj)
         elif size.__class__ is not int or size < 0:  # the exact check first: it is the cheap one
             size = check_int("size", size, 0, "bytes the release frees")
-        if self._debug and release is not call_no_arg:  # defer(fn) may run fn twice
-            release = self._track(obj, release)
+        if self._pending is not None and release is not call_no_arg:  # defer(fn) may run fn twice
+            release = self._pending.track(obj, release)
         try:
             state: ThreadState = self._tls.state
         except AttributeError:
@@ -391,37 +364,18 @@ class Domain:
             return self.retire(obj, release, size=size)
         check_release(release)
         size = estimate_size(obj) if size is None else check_int("size", size, 0, "bytes the release frees")
-        if self._debug:
-            release = self._track(obj, release)
+        if self._pending is not None:
+            release = self._pending.track(obj, release)
         goal = self._push_orphan(obj, release, size)
         self._stalls.ensure_watchdog()
         self._reclaim.poll(None, None, self._wr_seq)
         return goal
 
-    def _track(self, obj: Any, release: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """Debug mode: refuse an object already waiting to be released, and
-        remember this one until its release has run."""
-        self._check_not_pending(obj)
-        ids = self._pending_ids
-        ids.add(id(obj))
-
-        def tracked_release(o: Any) -> Any:
-            try:
-                return release(o)
-            finally:
-                ids.discard(id(o))
-
-        return tracked_release
-
     def _check_not_pending(self, obj: Any) -> None:
-        """Debug mode: ValueError if ``obj`` was retired and its release has
-        not run yet (Cell calls it before it unpublishes a value)."""
-        if self._debug and id(obj) in self._pending_ids:
-            raise ValueError(
-                f"{obj!r} is already waiting to be released: it was retired before, and retiring "
-                "it again would run its release twice. Retire each object once (a Cell value that "
-                "was replaced must not be set again until its release has run)."
-            )
+        """Debug mode: ValueError if ``obj`` is waiting to be released (for
+        Cell, before it unpublishes a value: debug.py)."""
+        if self._pending is not None:
+            self._pending.check(obj)
 
     def _push_orphan(self, obj: Any, release: Callable[[Any], Any], size: int) -> int:
         if self._admission is not None:  # admitted over the cap: see admission.py
@@ -481,17 +435,14 @@ class Domain:
         stall detection is off). New stalls are reported as by the checks."""
         return self._stalls.current()
 
+    def holding_back(self, goal: int | None = None) -> list[StallReport]:
+        """The attached threads that a release with ``goal`` waits on (by
+        default the oldest pending release): they have not passed a
+        quiescent state since wr_seq moved past their seq. No stacks."""
+        return self._stalls.holders(goal)
+
     def stats(self) -> DomainStats:
-        return snapshot(
-            wr_seq=self._wr_seq,
-            advances=self._advances,
-            registry=self._registry,
-            work=self._work,
-            reclaim=self._reclaim,
-            timing=self._timing,
-            stalls=self._stalls,
-            admission=self._admission,
-        )
+        return snapshot(self._wr_seq, self._advances, self._parts)
 
     # -- lifetime ----------------------------------------------------------
 
@@ -541,8 +492,8 @@ class Domain:
         self._lock = threading.Lock()
         drop = self._options.on_fork == "drop"
         self._parts.after_fork_in_child(me, drop)
-        if drop:
-            self._pending_ids.clear()
+        if drop and self._pending is not None:
+            self._pending.clear()
         if self._reclaimer is not None:
             # The reclaimer thread did not survive; start a fresh one.
             self._reclaimer = ReclaimerThread(self._reclaim, self._options.reclaim_interval)

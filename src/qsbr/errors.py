@@ -12,7 +12,13 @@ if TYPE_CHECKING:
     from .domain import Domain
     from .stall import StallReport
 
-__all__ = ["NotRegisteredError", "PendingLimitError", "UnprotectedReadError"]
+__all__ = [
+    "NotRegisteredError",
+    "PendingLimitError",
+    "PoolExhaustedError",
+    "UnprotectedReadError",
+    "UseAfterReleaseError",
+]
 
 
 class NotRegisteredError(RuntimeError):
@@ -99,3 +105,49 @@ class UnprotectedReadError(RuntimeError):
             "thread and call quiescent() between uses. (Debug mode raises this; without it the "
             "read is silent.)"
         )
+
+
+class PoolExhaustedError(MemoryError):
+    """BufferPool.acquire() found no room under ``max_bytes``: with
+    ``on_full="raise"`` at once, or with ``on_full="block"`` once its
+    ``timeout`` ran out. Nothing was handed out.
+
+    ``bytes_out`` are in views that have not been released; ``bytes_waiting``
+    were released and wait for a grace period; ``holders`` are the threads
+    whose missing quiescent state keeps them waiting.
+    """
+
+    def __init__(
+        self,
+        *,
+        nbytes: int,
+        max_bytes: int,
+        bytes_out: int,
+        bytes_waiting: int,
+        holders: tuple[StallReport, ...],
+        waited: float,
+    ) -> None:
+        self.nbytes = nbytes
+        self.max_bytes = max_bytes
+        self.bytes_out = bytes_out
+        self.bytes_waiting = bytes_waiting
+        self.holders = holders
+        self.waited = waited
+        if holders:
+            who = ", ".join(f"{h.thread_name!r} (ident {h.thread_ident})" for h in holders)
+            why = f"the waiting blocks are held back by {who}: it must call quiescent() or detach()"
+        elif bytes_out:
+            why = "most of the pool is in views not yet released: release() them (or raise max_bytes)"
+        else:
+            why = "raise max_bytes"
+        after = f" after waiting {waited:.2f} s" if waited else ""
+        super().__init__(
+            f"BufferPool: no room for {nbytes:,} bytes under max_bytes={max_bytes:,}{after}: "
+            f"{bytes_out:,} bytes are out, {bytes_waiting:,} wait for a grace period; {why}."
+        )
+
+
+class UseAfterReleaseError(RuntimeError):
+    """Debug mode: a pool block was written after its release, through a
+    view somebody kept (the poison written when its grace period ended was
+    changed). Raised by the acquire() that would have handed it out."""

@@ -22,12 +22,17 @@ view, an iterator) across its next quiescent state when a pool is used.
 
 Readers index the storage's shared memoryview (an item read touches no
 export count) but never slice it: view(), slices and iteration make a fresh
-view from the underlying bytearray. On free-threaded 3.13, slicing one
-memoryview from several threads can lose export-count updates and leave
-views "released" under their users (CPython gh-155606).
+view from the underlying memory, which is a ctypes byte array (see
+buffer_pool.py, "Memory and views"). On free-threaded 3.13 a bytearray's
+count of exports, and a memoryview's, is updated without atomics, so views
+made and dropped by several readers at once corrupted it ("SystemError:
+deallocated bytearray object has exported buffers",
+``../shared/repros/pipeline/sharedarray_view_race.py``).
 
-Without a pool, storage is a plain bytearray and refcounting frees the old
-one when the last reader drops it, so no grace period is needed. With a
+Without a pool, storage is plain memory that refcounting frees when the
+last reader drops it, so no grace period is needed. With a pool, every
+storage comes from it, however big (the pool serves sizes above its
+largest class with a block of its own). With a
 pool, readers must be protected (in a read section, or registered and
 quiescing); on a debug-mode domain's pool the array is a
 ``CheckedSharedArray``, whose reads raise UnprotectedReadError otherwise.
@@ -41,7 +46,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, cast, overload
 
 from . import _fork
-from .buffer_pool import BufferPool
+from .buffer_pool import BufferPool, byte_view, new_memory
 from .default import check_domain
 from .domain import Domain
 from .errors import UnprotectedReadError
@@ -61,9 +66,7 @@ def _cast(mv: memoryview[Any], typecode: str) -> memoryview[Any]:
 class _Storage:
     __slots__ = ("mv", "capacity", "length", "raw", "buf", "offset")
 
-    def __init__(
-        self, mv: memoryview, capacity: int, raw: memoryview | None, buf: bytearray, offset: int
-    ) -> None:
+    def __init__(self, mv: memoryview, capacity: int, raw: memoryview | None, buf: Any, offset: int) -> None:
         self.mv = mv  # cast to the typecode; item reads only, from readers
         self.capacity = capacity
         self.length = 0
@@ -156,7 +159,7 @@ class SharedArray:
 
     def _fresh_view(self, s: _Storage, n: int) -> memoryview[Any]:
         start = s.offset
-        return _cast(memoryview(s.buf)[start : start + n * self._itemsize], self._typecode)
+        return _cast(byte_view(s.buf, start, start + n * self._itemsize), self._typecode)
 
     # -- writers: serialized -------------------------------------------------
 
@@ -204,12 +207,12 @@ class SharedArray:
     def _allocate(self, capacity: int) -> _Storage:
         nbytes = capacity * self._itemsize
         pool = self._pool
-        if pool is not None and nbytes <= pool.largest:
+        if pool is not None:
             raw = pool.acquire(nbytes)
             page, offset = pool._location(raw)
             return _Storage(_cast(raw, self._typecode), capacity, raw, page, offset)
-        buf = bytearray(nbytes)
-        return _Storage(_cast(memoryview(buf), self._typecode), capacity, None, buf, 0)
+        buf = new_memory(nbytes)
+        return _Storage(_cast(byte_view(buf, 0, nbytes), self._typecode), capacity, None, buf, 0)
 
     def close(self) -> None:
         """Give the storage back to the pool (after a grace period); later
@@ -219,8 +222,8 @@ class SharedArray:
                 return
             self._closed = True
             old = self._store
-            empty = bytearray(0)
-            self._store = _Storage(_cast(memoryview(empty), self._typecode), 0, None, empty, 0)
+            empty = new_memory(0)
+            self._store = _Storage(_cast(byte_view(empty, 0, 0), self._typecode), 0, None, empty, 0)
             if old.raw is not None and self._pool is not None:
                 self._pool.release(old.raw)
 

@@ -184,10 +184,10 @@ class StallDetector:
         with self._lock:
             return self._check_locked(every_stack=True)
 
-    def holders(self) -> list[StallReport]:
-        """The attached threads that the oldest pending release waits on,
-        however long they have (for PendingLimitError); no stacks."""
-        oldest = self._work.oldest_goal()
+    def holders(self, goal: int | None = None) -> list[StallReport]:
+        """The attached threads that a release with ``goal`` (default: the
+        oldest pending one) waits on, however long they have; no stacks."""
+        oldest = self._work.oldest_goal() if goal is None else goal
         wr = self._read_wr_seq()
         need = min(oldest, wr) if oldest else 0
         now = time.monotonic()

@@ -6,12 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .admission import Admission
-    from .deferred import DeferredWork
-    from .reclaim import Reclamation
-    from .registry import Registry
-    from .stall import StallDetector
-    from .timing import GraceTiming
+    from .assembly import Parts
 
 __all__ = ["DomainStats", "snapshot"]
 
@@ -71,18 +66,10 @@ class DomainStats:
         return asdict(self)
 
 
-def snapshot(
-    *,
-    wr_seq: int,
-    advances: int,
-    registry: Registry,
-    work: DeferredWork,
-    reclaim: Reclamation,
-    timing: GraceTiming,
-    stalls: StallDetector,
-    admission: Admission | None,
-) -> DomainStats:
+def snapshot(wr_seq: int, advances: int, parts: Parts) -> DomainStats:
     """Read every part's counters (each under its own lock) into one record."""
+    registry, work, reclaim = parts.registry, parts.work, parts.reclaim
+    timing, stalls, admission = parts.timing, parts.stalls, parts.admission
     states = list(registry)
     attached = sum(1 for s in states if s.seq)
     counts = work.counts()
