@@ -249,8 +249,30 @@ def main() -> None:
 
         return case
 
+    # A SharedArray read beside a list read under a Lock.
+    shared_array = qsbr.SharedArray("q", pool=qsbr.BufferPool(domain=d))
+    shared_array.extend(range(1000))
+    locked_list = list(range(1000))
+
+    def shared_array_read(n: int) -> float:
+        a = shared_array
+        t = time.perf_counter()
+        for i in range(n):
+            a[i & 511]  # noqa: B018 - the read is what we time
+        return time.perf_counter() - t
+
+    def list_under_lock_read(n: int) -> float:
+        lk, lst = lock, locked_list
+        t = time.perf_counter()
+        for i in range(n):
+            with lk:
+                lst[i & 511]  # noqa: B018 - the read is what we time
+        return time.perf_counter() - t
+
     request = interleaved(
         {
+            "shared_array_read": shared_array_read,
+            "list_under_lock_read": list_under_lock_read,
             "lock_acquire_release": lock_section,
             "read_section": read_section,
             "handle_read_section": handle_read_section,
@@ -333,6 +355,7 @@ def main() -> None:
     handle_section_ratio = request["handle_read_section"]["median_ns"] / lock_ns
     triplet_ratio = request["attach_quiescent_detach"]["median_ns"] / lock_ns
     debug_read_ratio = request["cell_value_debug"]["median_ns"] / request["cell_value"]["median_ns"]
+    array_ratio = request["shared_array_read"]["median_ns"] / request["list_under_lock_read"]["median_ns"]
     results = {
         "reader": reader,
         "writer": writer,
@@ -349,6 +372,7 @@ def main() -> None:
             "handle_read_section_vs_lock": handle_section_ratio,
             "attach_quiescent_detach_vs_lock": triplet_ratio,
             "debug_cell_read_vs_plain": debug_read_ratio,
+            "shared_array_read_vs_locked_list": array_ratio,
         },
         "targets": {"quiescent_vs_empty_call": 2.0, "retire_release_vs_append_call": 5.0},
         "n": {"reader": n, "writer": m, "repeats": repeats},
@@ -372,6 +396,7 @@ def main() -> None:
     print(f"    with handle.attached(): pass     {handle_section_ratio:5.2f}x")
     print(f"    attach(); quiescent(); detach()  {triplet_ratio:5.2f}x")
     print(f"  debug mode: Cell.value / plain     {debug_read_ratio:5.2f}x")
+    print(f"  SharedArray a[i] / list[i] in lock {array_ratio:5.2f}x")
     print(f"  wrote {path}")
 
 

@@ -218,7 +218,10 @@ def main() -> None:
                 results[size][v].append(Run(v, size).run(SECONDS))
         print(f"  round {r + 1} of {ROUNDS} done", flush=True)
     rows = []
-    print(f"  {'frame':>7}{'pool /s':>12}{'bytearray /s':>14}{'recv /s':>12}{'pool/bytearray':>16}{'pool/recv':>11}")
+    print(
+        f"  {'frame':>7}{'pool /s':>12}{'bytearray /s':>14}{'recv /s':>12}"
+        f"{'pool/bytearray':>16}{'pool/recv':>11}"
+    )
     for size in SIZES:
         med = {v: statistics.median(results[size][v]) for v in variants}
         row = {
@@ -234,7 +237,9 @@ def main() -> None:
             f"{row['pool_vs_bytearray']:>15.2f}x{row['pool_vs_recv']:>10.2f}x",
             flush=True,
         )
-    met = all(r["pool_vs_bytearray"] >= 1 and r["pool_vs_recv"] >= 1 for r in rows if r["frame_bytes"] <= 16384)
+    met = all(
+        r["pool_vs_bytearray"] >= 1 and r["pool_vs_recv"] >= 1 for r in rows if r["frame_bytes"] <= 16384
+    )
     print(f"  target (pool >= both, frames up to 16 KiB): {'met' if met else 'MISSED'}")
     path = write_json(
         "pipeline",
