@@ -152,6 +152,33 @@ def test_a_block_never_given_back_is_reported_in_debug_mode(
     assert all("never given back" in m and "pool.buffer(n)" in m for m in messages)
 
 
+def test_a_view_dropped_inside_the_pools_own_locked_section_does_not_deadlock(
+    domain: qsbr.Domain, worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A collection can start at any allocation, also while a thread is
+    # inside the pool's lock (in release(), say); the weak-reference callback
+    # of an unreleased view it frees then runs in that thread. It waited for
+    # the lock, and the thread deadlocked with itself (seen on 3.13t under
+    # the threaded pool test). Here the drop happens under the lock on purpose.
+    caplog.set_level(logging.WARNING, logger="qsbr")
+    pool = qsbr.BufferPool(domain=domain, debug=True)
+
+    def drop_while_holding_the_lock() -> None:
+        # Made and dropped by one thread: on 3.13t an object whose last
+        # reference another thread drops is freed later, by its owner.
+        views = [pool.acquire(64)]
+        with pool._lock:
+            views.clear()  # the last reference: the callback runs here
+
+    worker.call(drop_while_holding_the_lock)  # raises queue.Empty if it hangs
+    assert not [r for r in caplog.records if r.name == "qsbr"]  # noted, not yet checked
+    pool.release(pool.acquire(64))  # the next acquire looks
+    messages = [r.getMessage() for r in caplog.records if r.name == "qsbr"]
+    assert len(messages) == 1 and "never given back" in messages[0], messages
+    pool.close()
+    assert len([r for r in caplog.records if r.name == "qsbr"]) == 1  # reported once
+
+
 def test_pool_reuses_a_block_only_after_a_grace_period(domain: qsbr.Domain, worker: Worker) -> None:
     pool = qsbr.BufferPool((256,), page_size=1024, max_bytes=2048, debug=True, domain=domain, on_full="raise")
     worker.call(domain.register)  # a reader that holds the view below

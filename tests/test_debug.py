@@ -88,6 +88,35 @@ def test_retiring_a_pending_object_twice_raises(debug_domain: qsbr.Domain, worke
     assert d.barrier(timeout=STEP_TIMEOUT) and r.releases == 1
 
 
+def test_an_object_its_own_release_hands_out_again_may_be_retired_again(
+    debug_domain: qsbr.Domain,
+) -> None:
+    # A pool's release gives its block back; another thread may take it,
+    # use it and retire it again before that release has returned (seen
+    # about one run in eight of the threaded pool test, debug variant). The
+    # object left the pending set when its release began, not when it ended.
+    d = debug_domain
+    r = Resource(1)
+    again: list[BaseException | None] = []
+    releases: list[Resource] = []
+
+    def release_and_reuse(obj: Resource) -> None:
+        releases.append(obj)
+        if len(again) == 0:
+            try:
+                d.retire(obj, release_and_reuse)  # its next user is done with it
+            except ValueError as exc:
+                again.append(exc)
+            else:
+                again.append(None)
+
+    with d.registered():
+        d.retire(r, release_and_reuse)
+    assert d.barrier(timeout=STEP_TIMEOUT)
+    assert again == [None]
+    assert d.barrier(timeout=STEP_TIMEOUT) and releases == [r, r]
+
+
 def test_a_cell_value_replaced_twice_raises_before_anything_changes(debug_domain: qsbr.Domain) -> None:
     """../shared/repros/double_retire_silent.py, through a Cell."""
     d = debug_domain

@@ -44,6 +44,7 @@ back is reported on the "qsbr" logger.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -142,6 +143,9 @@ class BufferPool:
         self._out: dict[int, tuple[Any, Block | None, int]] = {}
         self._full_waits = self._exhausted = 0
         self._releases = self._acquires = 0
+        #: Debug mode: ids of views garbage-collected since the last check
+        #: (see _report_lost).
+        self._dropped: collections.deque[int] = collections.deque()
         self._closed = False
         _fork.track(self)
 
@@ -202,7 +206,7 @@ class BufferPool:
             view = memoryview(bytearray())
             with self._lock:
                 self._check_open()
-                self._out[id(view)] = (self._hold(view), None, 0)
+                self._put_out(view, None, 0)
             return view
         pages = self._p
         return self._acquire_slow(nbytes, lambda: pages.large(nbytes), timeout)
@@ -278,11 +282,24 @@ class BufferPool:
     def _size_class(self, nbytes: int) -> int:
         return self._classes[bisect_left(self._classes, nbytes)]
 
-    def _hold(self, view: memoryview) -> Any:
-        """What ``_out`` keeps of a view: the view, or in debug mode a weak
-        reference that reports the block if the view is dropped unreleased."""
-        if not self._debug:
-            return view
+    def _put_out(self, view: memoryview, block: Block | None, start: int) -> None:
+        """(Under the lock.) Enter a view in ``_out`` (off the hot paths,
+        which inline the plain case)."""
+        if self._debug:
+            self._put_out_debug(view, block, start)
+        else:
+            self._out[id(view)] = (view, block, start)
+
+    def _put_out_debug(self, view: memoryview, block: Block | None, start: int) -> None:
+        """(Under the lock.) Debug mode keeps a view weakly, to report its
+        block if the view is dropped unreleased (pool_debug.py). Such a view
+        may have left its id to this one: look for lost blocks before its
+        entry is overwritten, or that block would never be reported."""
+        if id(view) in self._out:
+            self._dropped.clear()
+            self._check_leaks()
+        elif self._dropped:
+            self._check_dropped()
         pool_ref = weakref.ref(self)
 
         def dropped(ident: int) -> None:
@@ -290,7 +307,7 @@ class BufferPool:
             if pool is not None:
                 pool._report_lost(ident)
 
-        return hold(view, dropped)
+        self._out[id(view)] = (hold(view, dropped), block, start)
 
     def _hand_out(self, block: Block, nbytes: int) -> memoryview:
         """(Under the lock.) Debug mode checks the poison first."""
@@ -309,11 +326,13 @@ class BufferPool:
                 )
         view = byte_view(block.page.mem, block.offset, block.offset + nbytes)
         block.refs = 1
-        self._out[id(view)] = (self._hold(view), block, block.offset)
         if self._debug:
             self._acquires += 1
             if self._acquires % LEAK_CHECK_EVERY == 0:
                 self._check_leaks()
+            self._put_out_debug(view, block, block.offset)
+        else:
+            self._out[id(view)] = (view, block, block.offset)
         return view
 
     def _location(self, view: memoryview) -> tuple[Any, int]:
@@ -346,14 +365,17 @@ class BufferPool:
             block = entry[1]
             if block is None:  # a slice of an empty view: empty
                 new = memoryview(bytearray())
-                self._out[id(new)] = (self._hold(new), None, 0)
+                self._put_out(new, None, 0)
                 return new
             start += entry[2]
             new = memoryview(block.page.mem).cast("B")[
                 start : stop + entry[2]
             ]  # fresh: see the module docstring
             block.refs += 1
-            self._out[id(new)] = (self._hold(new) if self._debug else new, block, start)
+            if self._debug:
+                self._put_out_debug(new, block, start)
+            else:
+                self._out[id(new)] = (new, block, start)
             return new
 
     def release(self, view: memoryview) -> None:
@@ -453,6 +475,7 @@ class BufferPool:
             if self._closed:
                 return
             if self._debug:
+                self._dropped.clear()
                 self._check_leaks(at_close=True)
             self._closed = True
             self._p.clear()
@@ -475,10 +498,34 @@ class BufferPool:
         report_leaks(self._out.values(), at_close)
 
     def _report_lost(self, ident: int) -> None:
-        """Debug mode: a view out of this pool was garbage-collected."""
-        with self._lock:
-            if not self._closed and ident in self._out:
-                self._check_leaks()
+        """Debug mode: a view out of this pool was garbage-collected.
+
+        This runs in a weak-reference callback: in whatever thread dropped
+        the view or ran the collection, at any point of its code, perhaps
+        inside one of our own locked sections (a collection can start at
+        any allocation). Waiting for ``_lock`` there would deadlock that
+        thread with itself. So it never waits: the drop is noted (a deque
+        append needs no lock), and checked now if the lock is free, else by
+        whoever holds it, at their next ``_check_dropped()``."""
+        self._dropped.append(ident)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._check_dropped()
+            finally:
+                self._lock.release()
+
+    def _check_dropped(self) -> None:
+        """(Under the lock.) Look for lost blocks if a view that was still
+        out has been garbage-collected since the last look."""
+        lost = False
+        while self._dropped:
+            try:
+                ident = self._dropped.popleft()
+            except IndexError:  # taken by a racing callback's check
+                break
+            lost = lost or ident in self._out
+        if lost and not self._closed:
+            self._check_leaks()
 
 
 def _refuse_slice(view: object, start: object, stop: object) -> None:

@@ -3,7 +3,8 @@
 ``Domain(debug=True)`` (or ``QSBR_DEBUG=1``) keeps the ``id()`` of every
 object retired and not yet released. Retiring an object whose id is there
 raises ValueError: its release would run twice. The release is wrapped so
-that the id leaves the set once it has run (whether it raised or not).
+that the id leaves the set as the release begins (the release may hand the
+object on to a next user, who may retire it again).
 Pending objects are referenced by their deferred entries, so their ids
 cannot be reused by other objects while they are in the set.
 
@@ -45,10 +46,13 @@ class PendingObjects:
         ids.add(id(obj))
 
         def tracked_release(o: Any) -> Any:
-            try:
-                return release(o)
-            finally:
-                ids.discard(id(o))
+            # Forget it before the release runs, not after: a release may
+            # hand the object on (a pool gives a block back), and its next
+            # user may retire it again before this call returns. Forgotten
+            # after, that retirement would raise, and its id would then be
+            # dropped by the finished release, unguarded.
+            ids.discard(id(o))
+            return release(o)
 
         return tracked_release
 

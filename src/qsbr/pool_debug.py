@@ -5,7 +5,9 @@ context manager) and releases only the memoryview: the block stays "out"
 for ever. So does a view dropped without ``pool.release()``. A debug-mode
 pool keeps its views weakly (``hold``) and reports a block once every view
 of it is released or gone without being given back: when a view is
-garbage-collected, every LEAK_CHECK_EVERY-th acquire(), and at close().
+garbage-collected (or, if the pool's lock is held at that moment, at the
+next acquire: the callback never waits, see ``BufferPool._report_lost``),
+every LEAK_CHECK_EVERY-th acquire(), and at close().
 (The poison written when a grace period ends, and its check when a block is
 handed out again, are in buffer_pool.py.)
 """
