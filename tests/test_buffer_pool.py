@@ -179,6 +179,28 @@ def test_a_view_dropped_inside_the_pools_own_locked_section_does_not_deadlock(
     assert len([r for r in caplog.records if r.name == "qsbr"]) == 1  # reported once
 
 
+def test_the_releasing_thread_may_read_its_view_until_its_quiescent_state_even_alone(
+    domain: qsbr.Domain,
+) -> None:
+    # release() promises every holder, the releasing thread included, its
+    # view until that thread's next quiescent state. When it was the only
+    # attached thread, the domain's not-shared fast path ran a debug pool's
+    # grace-period callback at its next poll: the block was poisoned under
+    # the reader (the threaded pool test, about one run in thirty on 3.13t).
+    pool = qsbr.BufferPool((64,), domain=domain)  # debug when the domain is
+    with domain.registered():
+        v = pool.acquire(64)
+        v[:] = b"\x01" * 64
+        pool.release(v)
+        domain.poll()
+        assert pool.acquire(64) is not None  # another block: this one is not free yet
+        assert bytes(v) == b"\x01" * 64
+        assert domain.synchronize(timeout=STEP_TIMEOUT)  # a grace period: the thread is quiescent in it
+        domain.poll()
+        if domain.debug:  # now its grace period is over: poisoned
+            assert bytes(v) == bytes([POISON]) * 64
+
+
 def test_pool_reuses_a_block_only_after_a_grace_period(domain: qsbr.Domain, worker: Worker) -> None:
     pool = qsbr.BufferPool((256,), page_size=1024, max_bytes=2048, debug=True, domain=domain, on_full="raise")
     worker.call(domain.register)  # a reader that holds the view below

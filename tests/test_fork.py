@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import qsbr
-from helpers import Worker
+from helpers import STEP_TIMEOUT, Worker
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -119,7 +119,7 @@ def test_child_of_unregistered_thread(domain: qsbr.Domain, worker: Worker) -> No
         with domain.registered():
             got: list[int] = []
             domain.retire(3, got.append)
-            assert domain.poll()
+            assert domain.barrier(timeout=STEP_TIMEOUT)
             assert got == [3]
 
     _in_child(check)

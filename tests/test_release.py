@@ -271,40 +271,62 @@ def test_barrier_from_an_unregistered_thread(domain: qsbr.Domain, worker: Worker
 # -- rule 8: the design's "not shared" fast path ------------------------------
 
 
-def test_sole_attached_thread_releases_its_own_retirements_at_next_poll(domain: qsbr.Domain) -> None:
+def test_a_sole_attached_thread_keeps_what_it_retired_until_its_quiescent_state(domain: qsbr.Domain) -> None:
+    # Nobody else can hold it, but the retiring thread itself may, until it
+    # passes a quiescent state (it read the object earlier in the same
+    # request, or reads a pool view it just gave back). The fast path used
+    # to release it at this poll.
     domain.register()
     released: list[int] = []
     domain.retire(1, released.append)
-    assert domain.poll()  # no quiescent(), no waiting on anyone
+    assert not domain.poll()
+    assert released == []
+    domain.quiescent()
+    assert domain.poll()
     assert released == [1]
     domain.unregister()
 
 
-def test_not_shared_path_with_other_threads_detached(domain: qsbr.Domain, worker: Worker) -> None:
+def test_the_retire_that_advances_does_not_release_under_its_caller(domain: qsbr.Domain) -> None:
+    d = qsbr.Domain(deferred_limit=2)
+    released: list[str] = []
+    with d.registered():
+        d.retire("a", released.append)
+        d.retire("b", released.append)  # the deferred_limit-th: advances and polls
+        assert released == []
+        d.quiescent()
+        d.retire("c", released.append)
+        d.retire("d", released.append)  # polls again: a and b are past their grace period
+        assert released == ["a", "b"]
+    d.close()
+
+
+def test_not_shared_path_in_a_barrier_with_other_threads_detached(
+    domain: qsbr.Domain, worker: Worker
+) -> None:
+    # A barrier's caller holds nothing across the call: its own list goes at once.
     worker.call(domain.register)
     worker.call(domain.detach)
     domain.register()
     released: list[int] = []
     domain.retire(1, released.append)
-    assert domain.poll()
+    assert domain.barrier(timeout=STEP_TIMEOUT)
     assert released == [1]
     worker.call(domain.unregister)
     domain.unregister()
 
 
 def test_not_shared_path_does_not_release_what_others_retired(domain: qsbr.Domain, worker: Worker) -> None:
-    # The caller may still hold what *another* thread retired.
+    # The caller may still hold what *another* thread retired: in a barrier
+    # its own list goes at once, theirs only after a grace period.
     domain.register()
     worker.call(domain.register)
-    released: list[str] = []
-    worker.call(domain.retire, "theirs", released.append)
+    seen: list[tuple[str, bool]] = []
+    theirs_goal = worker.call(domain.retire, "theirs", lambda o: seen.append((o, domain.goal_reached(theirs_goal))))
     worker.call(domain.detach)
-    domain.retire("mine", released.append)
-    assert not domain.poll()
-    assert released == ["mine"]
-    domain.quiescent()
-    assert domain.poll()
-    assert released == ["mine", "theirs"]
+    domain.retire("mine", lambda o: seen.append((o, domain.goal_reached(theirs_goal))))
+    assert domain.barrier(timeout=STEP_TIMEOUT)
+    assert seen == [("mine", False), ("theirs", True)]
     worker.call(domain.unregister)
     domain.unregister()
 

@@ -166,7 +166,7 @@ class Admission:
             while True:
                 if attached:
                     state.seq = self._read_wr_seq()
-                reclaim.poll(None, state, self._read_wr_seq(), full=True)
+                reclaim.poll(None, state, self._read_wr_seq(), full=True, quiescent=True)
                 if self.try_reserve(size):
                     return 0
                 self._stalls.maybe_check()

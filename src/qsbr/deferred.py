@@ -353,9 +353,11 @@ class DeferredWork:
 
         Returns (the batch or None, how many releases are left pending
         besides it). ``not_shared`` is the design's "not shared" fast path:
-        the calling thread, when it is the only attached thread; nobody can
-        still hold what it unlinked and retired itself, so its whole list is
-        taken. ``count_as_poll``: count this call in polls/failed_polls.
+        the calling thread, when it is the only attached thread and at a
+        quiescent state (in synchronize(), barrier(), or waiting under a
+        cap); nobody, itself included, can still hold what it unlinked and
+        retired, so its whole list is taken. ``count_as_poll``: count this
+        call in polls/failed_polls.
         """
         with self._lock:
             chunks: list[list[Any]] | None = None

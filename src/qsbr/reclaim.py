@@ -94,11 +94,20 @@ class Reclamation:
 
     # -- poll ------------------------------------------------------------
 
-    def poll(self, goal: int | None, caller: ThreadState | None, wr_seq: int, full: bool = False) -> bool:
+    def poll(
+        self,
+        goal: int | None,
+        caller: ThreadState | None,
+        wr_seq: int,
+        full: bool = False,
+        quiescent: bool = False,
+    ) -> bool:
         """The design's poll (see the module docstring). ``caller`` is the
         calling thread's state (None: not registered); ``wr_seq`` was read
         by the caller just before (an older value only makes the scan more
         conservative). ``full``: a whole pass, not one incremental step.
+        ``quiescent``: the caller holds nothing now (it waits under a cap),
+        which alone lets the not-shared fast path take its own list.
 
         Returns goal <= rd_seq; with no goal, whether nothing is left pending.
         """
@@ -107,7 +116,12 @@ class Reclamation:
         if want > wr_seq:
             wr_seq = self.advance_wr_seq()
         rd, alone = self.poll_scan(caller, wr_seq, full)
-        batch, waiting = work.take_ready(rd, not_shared=caller if alone else None, count_as_poll=True)
+        # Not shared: only for a caller at a quiescent state. A thread that
+        # polls from retire() or poll() may still hold what it retired
+        # itself (a view it just gave back, the old value of a Cell it read
+        # earlier in the same request) until its next quiescent state.
+        own = caller if alone and quiescent else None
+        batch, waiting = work.take_ready(rd, not_shared=own, count_as_poll=True)
         if batch is not None:
             self.run_batch(batch)
         elif waiting:
