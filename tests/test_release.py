@@ -322,9 +322,13 @@ def test_not_shared_path_does_not_release_what_others_retired(domain: qsbr.Domai
     domain.register()
     worker.call(domain.register)
     seen: list[tuple[str, bool]] = []
-    theirs_goal = worker.call(domain.retire, "theirs", lambda o: seen.append((o, domain.goal_reached(theirs_goal))))
+
+    def note(obj: str) -> None:
+        seen.append((obj, domain.goal_reached(theirs_goal)))
+
+    theirs_goal = worker.call(domain.retire, "theirs", note)
     worker.call(domain.detach)
-    domain.retire("mine", lambda o: seen.append((o, domain.goal_reached(theirs_goal))))
+    domain.retire("mine", note)
     assert domain.barrier(timeout=STEP_TIMEOUT)
     assert seen == [("mine", False), ("theirs", True)]
     worker.call(domain.unregister)
