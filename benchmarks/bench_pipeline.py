@@ -93,7 +93,9 @@ class Run:
         self.domain = qsbr.Domain()
         block = 65536 if 2 * (size + 8) <= 65536 else 1 << (2 * (size + 8) - 1).bit_length()
         self.block = block
-        self.pool = qsbr.BufferPool((64, 256, 1024, 4096, 16384, 65536, block), page_size=max(1 << 20, block))
+        self.pool = qsbr.BufferPool(
+            (64, 256, 1024, 4096, 16384, 65536, block), page_size=max(1 << 20, block), domain=self.domain
+        )
         self.q: queue.SimpleQueue[list[tuple[Any, int]] | None] = queue.SimpleQueue()
         self.frames = 0
         self.bad = 0

@@ -9,12 +9,15 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import qsbr
 from helpers import STEP_TIMEOUT, Worker, run_threads, wait_until
 from qsbr.buffer_pool import POISON
+from qsbr.pool_pages import Block, PageSet
 
 #: Run every test here with the domain in debug mode too (conftest.py).
 DEBUG_TOO = True
@@ -400,3 +403,99 @@ def test_views_dropped_by_many_threads_leave_pages_sound(domain: qsbr.Domain) ->
     run_threads(worker, worker, timeout=60)
     pool.close()  # drops the pages
     gc.collect()
+
+
+class _CountingPages(PageSet):
+    """Checks, under the pool's lock, that a block goes back once per time
+    it was taken: never twice, never one that is not out."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.out_blocks: set[int] = set()
+        self.given_back = 0
+
+    def take(self, size: int, carve: bool) -> Block | None:
+        block = super().take(size, carve)
+        if block is not None:
+            assert id(block) not in self.out_blocks, "a block handed out twice"
+            self.out_blocks.add(id(block))
+        return block
+
+    def retire(self, block: Block) -> None:
+        assert id(block) in self.out_blocks, "a block given back twice, or one that was not out"
+        self.out_blocks.discard(id(block))
+        self.given_back += 1
+        super().retire(block)
+
+
+class _CountingPool(qsbr.BufferPool):
+    _pages_class = _CountingPages
+
+
+def test_frames_released_by_many_threads_give_each_block_back_once(domain: qsbr.Domain) -> None:
+    """slice() and release() take no lock (outside debug mode): frames of
+    one block, released by three threads at once while the producer
+    releases the block's own view, give the block back exactly once, and
+    only after its last frame."""
+    pool = _CountingPool((4096,), page_size=1 << 16, domain=domain)
+    pages = pool._p
+    assert isinstance(pages, _CountingPages)
+    queues: list[queue.Queue[memoryview | None]] = [queue.Queue() for _ in range(3)]
+    blocks = 300
+
+    def producer() -> None:
+        for k in range(blocks):
+            block = pool.acquire(4096)
+            block[:] = bytes([k & 0xFF]) * 4096
+            for i in range(64):
+                queues[i % 3].put(pool.slice(block, i * 64, i * 64 + 64))
+            pool.release(block)
+        for q in queues:
+            q.put(None)
+
+    def consumer(q: queue.Queue[memoryview | None]) -> None:
+        with domain.registered():
+            while (frame := q.get(timeout=STEP_TIMEOUT)) is not None:
+                first = frame[0]
+                assert bytes(frame) == bytes([first]) * 64, "a frame changed under its reader"
+                pool.release(frame)
+                assert bytes(frame) == bytes([first]) * 64, "a block reused before a grace period"
+                domain.quiescent()
+
+    run_threads(producer, *(lambda q=q: consumer(q) for q in queues), timeout=90)
+    assert pages.given_back == blocks and not pages.out_blocks
+    st = pool.stats()
+    assert st.bytes_out == 0 and st.classes[4096].in_use == 0
+
+
+class _ReleaseOnInsert(dict):  # type: ignore[type-arg]
+    """An ``_out`` shard that runs ``hook`` at its next insertion: the point
+    of slice() where another thread's release of the source view would race."""
+
+    hook: Callable[[], None] | None = None
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        hook, _ReleaseOnInsert.hook = _ReleaseOnInsert.hook, None
+        super().__setitem__(key, value)
+        if hook is not None:
+            hook()
+
+
+def test_a_slice_racing_the_release_of_its_view_is_refused_and_the_block_goes_back_once(
+    domain: qsbr.Domain,
+) -> None:
+    if domain.debug:
+        pytest.skip("debug mode orders slice() and release() with the pool's lock")
+    pool = _CountingPool((256,), page_size=4096, domain=domain)
+    pages = pool._p
+    assert isinstance(pages, _CountingPages)
+    view = pool.acquire(256)
+    pool._out = [_ReleaseOnInsert(shard) for shard in pool._out]
+    _ReleaseOnInsert.hook = lambda: pool.release(view)  # released between the token and the check
+    with pytest.raises(ValueError, match="not out"):
+        pool.slice(view, 0, 16)
+    assert pages.given_back == 1 and not pages.out_blocks
+    assert not any(pool._out), "the refused slice stayed out"
+    with pytest.raises(ValueError, match="not out"):
+        pool.release(view)
+    assert pages.given_back == 1

@@ -14,14 +14,31 @@ when its blocks are all back and the last one's goal is reached.
 
 Frames: ``slice(view, start, stop)`` makes a view of part of a block that is
 released on its own; a block goes back to the pool when the view acquire()
-returned and every slice made from it have been released (``refs``). So a
-producer receives once into a 64 KiB block and hands out many frames.
+returned and every slice made from it have been released. So a producer
+receives once into a 64 KiB block and hands out many frames.
 
-Invariants (all under the pool's lock):
-* a block is in exactly one state: out (``refs`` views of it are in
-  ``_out``), waiting (released, its grace period not known to be over), or
-  free; goals in a class's waiting queue never decrease (each is read under
-  the lock from wr_seq, which only grows), so only the head needs checking;
+slice() and release() take no lock (outside debug mode): a producer slicing
+while workers release frames of the same block would otherwise hand the
+pool's lock between threads once per frame, and on 2 cores that hand-off
+cost more than the rest of the pipeline (docs/benchmarks.md, "Pipeline").
+They use only single operations on a dict and a list, each atomic on every
+build (the GIL, or the object's own lock on free-threaded 3.13). An out
+block's views share one list of *tokens* (in their ``_out`` entries): its
+bottom token is ``_LAST``, pushed when the block is handed out; slice()
+pushes a token before it enters its new view in ``_out``; release() takes
+the view out of ``_out`` (so only one caller can release it), then pops one
+token. Invariant: a block's token list is at least as long as the number of
+its views in ``_out``. So the release that pops ``_LAST`` finds no other view
+of the block out, and it alone gives the block back (under the lock).
+``_out`` is 64 dicts, a view's chosen by its id: one shared dict was the
+next hand-off (a free-threaded dict has a lock of its own, and every thread
+touched it for every frame).
+
+Invariants (under the pool's lock, except the token counts above):
+* a block is in exactly one state: out (views of it are in ``_out``),
+  waiting (released, its grace period not known to be over), or free; goals
+  in a class's waiting queue never decrease (each is read under the lock from
+  wr_seq, which only grows), so only the head needs checking;
 * the memory the pool holds (pages, and large blocks out or waiting) never
   passes ``max_bytes``.
 
@@ -39,27 +56,26 @@ next acquire() that hands it out checks the poison and raises
 UseAfterReleaseError if a stale view wrote to it meanwhile. Views are held
 weakly, and a block whose views are all gone, or were released by their
 own context manager (``with pool.acquire(n) as v:``), without being given
-back is reported on the "qsbr" logger.
+back is reported on the "qsbr" logger (pool_debug.py). What acquire() does
+when no block is free is in pool_backpressure.py.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
-import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from . import _fork
 from .default import domain_or_default
 from .domain import Domain
-from .errors import PoolExhaustedError, UseAfterReleaseError
 from .options import check_choice, check_int, check_optional_int, check_seconds
-from .pool_debug import hold, report_leaks
-from .pool_pages import POISON, Block, PageSet, byte_view, new_memory, poison
+from .pool_backpressure import Backpressure
+from .pool_debug import DebugPool
+from .pool_pages import OUT_SHARD_MASK, POISON, Block, PageSet, byte_view, new_memory
 from .pool_stats import ClassStats, PoolStats
 
 __all__ = ["BufferPool", "PoolStats", "ClassStats", "POISON", "new_memory", "byte_view"]
@@ -71,6 +87,13 @@ POLL_AFTER = 32
 TRIM_EVERY = 256
 #: How often (in acquires) debug mode looks for views released but not given back.
 LEAK_CHECK_EVERY = 256
+#: The bottom token of an out block's token list (see the module docstring).
+_LAST = object()
+
+#: An ``_out`` entry: the view (a weak reference to it in debug mode); its
+#: block, None for an empty view; where it starts in the page; the token list
+#: its block's views share (None for an empty view).
+_Entry = tuple[Any, Block | None, int, "list[object] | None"]
 
 
 class _Lease:
@@ -92,7 +115,7 @@ class _Lease:
             self._pool.release(view)
 
 
-class BufferPool:
+class BufferPool(Backpressure, DebugPool):
     """Pages carved into size classes; blocks reused after a grace period."""
 
     #: What keeps the pages and blocks (a seam: tests inject broken ones).
@@ -138,15 +161,17 @@ class BufferPool:
         self._debug = bool(debug) or resolved.debug
         self._lock = threading.Lock()
         self._p = self._pages_class(classes, page_size, max_bytes, resolved, self._debug)
-        #: id(view) -> (view, or a weak reference to it in debug mode; its
-        #: block, None for an empty view; where it starts in the page).
-        self._out: dict[int, tuple[Any, Block | None, int]] = {}
+        #: id(view) -> its _Entry, in the shard ``id(view) >> 4 & OUT_SHARD_MASK``.
+        self._out: list[dict[int, _Entry]] = [{} for _ in range(OUT_SHARD_MASK + 1)]
         self._full_waits = self._exhausted = 0
         self._releases = self._acquires = 0
         #: Debug mode: ids of views garbage-collected since the last check
         #: (see _report_lost).
         self._dropped: collections.deque[int] = collections.deque()
         self._closed = False
+        #: Neither debug mode nor closed: slice() and release() take their
+        #: inlined paths (one attribute load instead of two).
+        self._fast = not self._debug
         _fork.track(self)
 
     def _after_fork_in_child(self) -> None:
@@ -206,140 +231,44 @@ class BufferPool:
             view = memoryview(bytearray())
             with self._lock:
                 self._check_open()
-                self._put_out(view, None, 0)
+                self._put_out(view, None, 0, None)
             return view
         pages = self._p
         return self._acquire_slow(nbytes, lambda: pages.large(nbytes), timeout)
 
-    def _acquire_slow(
-        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
-    ) -> memoryview:
-        """Released blocks (of any class: a page may change class) may be
-        safe by now: poll once, then try again; without room, wait or raise."""
-        self._poll_for_waiting()
-        with self._lock:
-            self._check_open()
-            self._maybe_trim()
-            block = attempt()
-            if block is not None:
-                return self._hand_out(block, nbytes)
-        return self._wait_for_room(nbytes, attempt, timeout)
-
-    def _poll_for_waiting(self) -> None:
-        """Outside our lock (a poll runs releases, which may use this pool):
-        one poll to the newest head goal covers every class's oldest block."""
-        with self._lock:
-            heads = self._p.head_goals()
-        if self._debug:
-            if heads:
-                self._domain.poll()  # runs the grace-period callbacks (see the module docstring)
-        elif heads and not self._domain.goal_reached(max(heads)):
-            self._domain.poll(max(heads))
-
-    def _wait_for_room(
-        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
-    ) -> memoryview:
-        if self._on_full == "raise":
-            raise self._exhausted_error(nbytes, 0.0)
-        with self._lock:
-            self._full_waits += 1
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
-        domain = self._domain
-        # The caller counts as quiescent while it waits, as retire() does
-        # under a cap: it may hold nothing it read from shared structures.
-        with domain.detached() if domain.is_attached() else contextlib.nullcontext():
-            delay = 1e-4
-            while True:
-                self._poll_for_waiting()
-                with self._lock:
-                    self._check_open()
-                    block = attempt()
-                    if block is not None:
-                        return self._hand_out(block, nbytes)
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    raise self._exhausted_error(nbytes, now - start)
-                time.sleep(delay if deadline is None else min(delay, deadline - now))
-                delay = min(delay * 2, 0.02)
-
-    def _exhausted_error(self, nbytes: int, waited: float) -> PoolExhaustedError:
-        with self._lock:
-            self._exhausted += 1
-            out, waiting, _ = self._p.byte_counts()
-            heads = self._p.head_goals()
-        assert self._max_bytes is not None
-        holders = self._domain.holding_back(min(heads)) if heads else []
-        return PoolExhaustedError(
-            nbytes=nbytes,
-            max_bytes=self._max_bytes,
-            bytes_out=out,
-            bytes_waiting=waiting,
-            holders=tuple(holders),
-            waited=waited,
-        )
-
     def _size_class(self, nbytes: int) -> int:
         return self._classes[bisect_left(self._classes, nbytes)]
 
-    def _put_out(self, view: memoryview, block: Block | None, start: int) -> None:
-        """(Under the lock.) Enter a view in ``_out`` (off the hot paths,
-        which inline the plain case)."""
+    def _put_out(
+        self, view: memoryview, block: Block | None, start: int, tokens: list[object] | None
+    ) -> None:
+        """(Under the lock in debug mode.) Enter a view in ``_out`` (off the
+        hot paths, which inline the plain case)."""
         if self._debug:
-            self._put_out_debug(view, block, start)
+            self._put_out_debug(view, block, start, tokens)
         else:
-            self._out[id(view)] = (view, block, start)
-
-    def _put_out_debug(self, view: memoryview, block: Block | None, start: int) -> None:
-        """(Under the lock.) Debug mode keeps a view weakly, to report its
-        block if the view is dropped unreleased (pool_debug.py). Such a view
-        may have left its id to this one: look for lost blocks before its
-        entry is overwritten, or that block would never be reported."""
-        if id(view) in self._out:
-            self._dropped.clear()
-            self._check_leaks()
-        elif self._dropped:
-            self._check_dropped()
-        pool_ref = weakref.ref(self)
-
-        def dropped(ident: int) -> None:
-            pool = pool_ref()
-            if pool is not None:
-                pool._report_lost(ident)
-
-        self._out[id(view)] = (hold(view, dropped), block, start)
+            self._out[id(view) >> 4 & OUT_SHARD_MASK][id(view)] = (view, block, start, tokens)
 
     def _hand_out(self, block: Block, nbytes: int) -> memoryview:
         """(Under the lock.) Debug mode checks the poison first."""
         if block.poisoned:
-            block.poisoned = False
-            stale = byte_view(block.page.mem, block.offset, block.offset + block.size)
-            if stale != poison(block.size):
-                stale[:] = poison(block.size)
-                block.poisoned = True
-                self._p.give_back(block)
-                raise UseAfterReleaseError(
-                    f"a released block of {block.size:,} bytes was written after its grace period "
-                    "ended: a view of it was kept (and written) past its release. Find the code "
-                    "that writes through a view after pool.release() (or after the thread's "
-                    "quiescent state)."
-                )
+            self._check_poison(block)
         view = byte_view(block.page.mem, block.offset, block.offset + nbytes)
-        block.refs = 1
+        tokens: list[object] = [_LAST]  # a fresh list: a stale view's race can only touch the old one
         if self._debug:
             self._acquires += 1
             if self._acquires % LEAK_CHECK_EVERY == 0:
                 self._check_leaks()
-            self._put_out_debug(view, block, block.offset)
+            self._put_out_debug(view, block, block.offset, tokens)
         else:
-            self._out[id(view)] = (view, block, block.offset)
+            self._out[id(view) >> 4 & OUT_SHARD_MASK][id(view)] = (view, block, block.offset, tokens)
         return view
 
     def _location(self, view: memoryview) -> tuple[Any, int]:
         """The page memory and offset of a view that is out (for
         SharedArray, which makes its readers' views from the page itself)."""
         with self._lock:
-            _, block, offset = self._out[id(view)]
+            block, offset = self._out[id(view) >> 4 & OUT_SHARD_MASK][id(view)][1:3]
             assert block is not None
             return block.page.mem, offset
 
@@ -352,31 +281,64 @@ class BufferPool:
         this pool, not yet released)."""
         if view.__class__ is not memoryview or start.__class__ is not int or stop.__class__ is not int:
             _refuse_slice(view, start, stop)
-        with self._lock:
-            if self._closed:
-                raise ValueError("this BufferPool is closed")
-            entry = self._out.get(id(view))
-            # One view per entry, looked up by id(): the identity check tells
-            # a view that is out from another object that reused its id.
-            if entry is None or (entry[0]() if self._debug else entry[0]) is not view:
-                raise ValueError("slice(): this view is not out: released already, or not from this pool")
-            if not 0 <= start <= stop <= view.nbytes:
-                raise ValueError(f"slice(): need 0 <= start <= stop <= {view.nbytes}, got {start}, {stop}")
-            block = entry[1]
-            if block is None:  # a slice of an empty view: empty
-                new = memoryview(bytearray())
-                self._put_out(new, None, 0)
-                return new
-            start += entry[2]
-            new = memoryview(block.page.mem).cast("B")[
-                start : stop + entry[2]
-            ]  # fresh: see the module docstring
-            block.refs += 1
-            if self._debug:
-                self._put_out_debug(new, block, start)
-            else:
-                self._out[id(new)] = (new, block, start)
+        if self._fast:
+            # _slice() inlined for a plain frame of a view that is out: each
+            # attribute load and call costs on the free-threaded build.
+            ident = id(view)
+            out = self._out
+            entry = out[ident >> 4 & OUT_SHARD_MASK].get(ident)
+            if (
+                entry is not None
+                and entry[0] is view
+                and entry[3] is not None
+                and 0 <= start <= stop <= view.nbytes
+            ):
+                base = entry[2]
+                # (tokens is None exactly when the block is: an empty view)
+                new = memoryview(entry[1].page.mem).cast("B")[base + start : base + stop]  # type: ignore[union-attr]
+                entry[3].append(None)  # the token first (module docstring)
+                out[id(new) >> 4 & OUT_SHARD_MASK][id(new)] = (new, entry[1], base + start, entry[3])
+                if out[ident >> 4 & OUT_SHARD_MASK].get(ident) is entry:
+                    return new
+                self._release(new)  # `view` was released meanwhile: undo, and let _slice() say so
+        if self._debug:
+            with self._lock:
+                return self._slice(view, start, stop)
+        return self._slice(view, start, stop)
+
+    def _slice(self, view: memoryview, start: int, stop: int) -> memoryview:
+        """(Lock-free outside debug mode: see the module docstring.)"""
+        if self._closed:
+            raise ValueError("this BufferPool is closed")
+        out = self._out
+        entry = out[id(view) >> 4 & OUT_SHARD_MASK].get(id(view))
+        # One view per entry, looked up by id(): the identity check tells
+        # a view that is out from another object that reused its id.
+        if entry is None or (entry[0]() if self._debug else entry[0]) is not view:
+            raise ValueError("slice(): this view is not out: released already, or not from this pool")
+        if not 0 <= start <= stop <= view.nbytes:
+            raise ValueError(f"slice(): need 0 <= start <= stop <= {view.nbytes}, got {start}, {stop}")
+        block, base, tokens = entry[1], entry[2], entry[3]
+        if block is None or tokens is None:  # a slice of an empty view: empty
+            new = memoryview(bytearray())
+            self._put_out(new, None, 0, None)
             return new
+        new = memoryview(block.page.mem).cast("B")[
+            base + start : base + stop
+        ]  # fresh: see the module docstring
+        tokens.append(None)  # first: from here the block cannot go back before `new` does
+        if self._debug:
+            self._put_out_debug(new, block, base + start, tokens)
+        else:
+            out[id(new) >> 4 & OUT_SHARD_MASK][id(new)] = (new, block, base + start, tokens)
+        if out[id(view) >> 4 & OUT_SHARD_MASK].get(id(view)) is not entry:
+            # `view` was released by another thread while we sliced it (a
+            # race in the caller's code): perhaps the block is already on its
+            # way back. Undo, as a release of `new` (its token, not the block).
+            # (Never in debug mode, where the lock orders slice and release.)
+            self._release(new)
+            raise ValueError("slice(): this view was released while it was being sliced")
+        return new
 
     def release(self, view: memoryview) -> None:
         """Give a view back (one acquire() returned, or a slice), once no
@@ -386,44 +348,59 @@ class BufferPool:
         hold the view are safe until their next quiescent state."""
         if view.__class__ is not memoryview:
             raise TypeError(f"release() needs a view from this pool, not {type(view).__name__}")
-        with self._lock:
-            if self._closed:
-                raise ValueError("this BufferPool is closed")
-            entry = self._out.pop(id(view), None)
-            if entry is None or (entry[0]() if self._debug else entry[0]) is not view:
-                if entry is not None:
-                    self._out[id(view)] = entry
-                raise ValueError(
-                    "BufferPool.release(): this view is not out: it was released already, or it did "
-                    "not come from this pool (pass a view acquire() or slice() returned, not a copy)"
-                )
-            block = entry[1]
-            if block is None or block.refs > 1:
-                if block is not None:
-                    block.refs -= 1
+        if self._fast:
+            # _release() inlined for a view that is out (the common case).
+            shard = self._out[id(view) >> 4 & OUT_SHARD_MASK]
+            entry = shard.pop(id(view), None)  # atomic: of two racing releases, one gets it
+            if entry is not None and entry[0] is view:
+                if entry[3] is not None and entry[3].pop() is _LAST:
+                    with self._lock:  # the block's last view is back (the token invariant)
+                        self._give_back(entry[1])  # type: ignore[arg-type] # (tokens: a block)
                 return
-            block.refs = 0
-            self._p.retire(block)
-            self._releases += 1
-            if self._releases % TRIM_EVERY == 0:
-                self._maybe_trim()
+            if entry is not None:
+                shard[id(view)] = entry
+            # _release() raises the error that fits.
         if self._debug:
-            self._domain._retire_from_any_thread(block, self._grace_ended, 0)
+            with self._lock:
+                block = self._release(view)
+            if block is not None:
+                self._domain._retire_from_any_thread(block, self._grace_ended, 0)
+        else:
+            self._release(view)
 
-    def _held(self, entry: tuple[Any, Block | None, int]) -> memoryview | None:
-        held = entry[0]
-        return held() if self._debug else held  # type: ignore[no-any-return]
-
-    def _grace_ended(self, block: Block) -> None:
-        """Debug mode: the domain's release of a block, run when no thread
-        can hold a view of it. Poison it, then let it be reused."""
+    def _release(self, view: memoryview) -> Block | None:
+        """(Lock-free outside debug mode, until the block itself goes back.)
+        Returns the block if this was its last view and debug mode is on."""
+        if self._closed:
+            raise ValueError("this BufferPool is closed")
+        shard = self._out[id(view) >> 4 & OUT_SHARD_MASK]
+        entry = shard.pop(id(view), None)  # atomic: of two racing releases, one gets it
+        if entry is None or (entry[0]() if self._debug else entry[0]) is not view:
+            if entry is not None:
+                shard[id(view)] = entry
+            raise ValueError(
+                "BufferPool.release(): this view is not out: it was released already, or it did "
+                "not come from this pool (pass a view acquire() or slice() returned, not a copy)"
+            )
+        block, tokens = entry[1], entry[3]
+        if block is None or tokens is None or tokens.pop() is not _LAST:
+            return None  # other views of the block are still out
+        # The block's last view is back (no other view of it is in _out: the
+        # token invariant), and only this caller popped _LAST.
+        if self._debug:  # the caller holds the lock
+            return self._give_back(block)
         with self._lock:
-            if self._closed:
-                return
-            if not block.page.large:
-                byte_view(block.page.mem, block.offset, block.offset + block.size)[:] = poison(block.size)
-                block.poisoned = True
-            block.safe = True
+            return self._give_back(block)
+
+    def _give_back(self, block: Block) -> Block | None:
+        """(Under the lock.) The block waits for its grace period."""
+        if self._closed:
+            return None
+        self._p.retire(block)
+        self._releases += 1
+        if self._releases % TRIM_EVERY == 0:
+            self._maybe_trim()
+        return block if self._debug else None
 
     # -- giving memory back -------------------------------------------------
 
@@ -478,8 +455,10 @@ class BufferPool:
                 self._dropped.clear()
                 self._check_leaks(at_close=True)
             self._closed = True
+            self._fast = False
             self._p.clear()
-            self._out.clear()
+            for shard in self._out:
+                shard.clear()
 
     def __enter__(self) -> BufferPool:
         return self
@@ -490,42 +469,6 @@ class BufferPool:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this BufferPool is closed")
-
-    # -- debug mode: blocks never given back ----------------------------------
-
-    def _check_leaks(self, at_close: bool = False) -> None:
-        """(Under the lock.) pool_debug.py: blocks never given back."""
-        report_leaks(self._out.values(), at_close)
-
-    def _report_lost(self, ident: int) -> None:
-        """Debug mode: a view out of this pool was garbage-collected.
-
-        This runs in a weak-reference callback: in whatever thread dropped
-        the view or ran the collection, at any point of its code, perhaps
-        inside one of our own locked sections (a collection can start at
-        any allocation). Waiting for ``_lock`` there would deadlock that
-        thread with itself. So it never waits: the drop is noted (a deque
-        append needs no lock), and checked now if the lock is free, else by
-        whoever holds it, at their next ``_check_dropped()``."""
-        self._dropped.append(ident)
-        if self._lock.acquire(blocking=False):
-            try:
-                self._check_dropped()
-            finally:
-                self._lock.release()
-
-    def _check_dropped(self) -> None:
-        """(Under the lock.) Look for lost blocks if a view that was still
-        out has been garbage-collected since the last look."""
-        lost = False
-        while self._dropped:
-            try:
-                ident = self._dropped.popleft()
-            except IndexError:  # taken by a racing callback's check
-                break
-            lost = lost or ident in self._out
-        if lost and not self._closed:
-            self._check_leaks()
 
 
 def _refuse_slice(view: object, start: object, stop: object) -> None:

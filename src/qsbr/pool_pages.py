@@ -70,15 +70,19 @@ class Page:
         self.large = large
 
 
+#: BufferPool's table of views out is OUT_SHARD_MASK + 1 dicts; a view's is
+#: ``_out[id(view) >> 4 & OUT_SHARD_MASK]`` (ids of objects are multiples of 16).
+OUT_SHARD_MASK = 63
+
+
 class Block:
-    __slots__ = ("page", "offset", "size", "goal", "refs", "safe", "poisoned", "reported", "__weakref__")
+    __slots__ = ("page", "offset", "size", "goal", "safe", "poisoned", "reported", "__weakref__")
 
     def __init__(self, page: Page, offset: int, size: int) -> None:
         self.page = page
         self.offset = offset
         self.size = size
         self.goal = 0
-        self.refs = 0  # views of it out (acquire's and slices)
         self.safe = False  # debug mode: the domain ran its grace-period callback
         self.poisoned = False  # debug mode: filled with POISON when it became safe
         self.reported = False  # debug mode: its leak was reported

@@ -1,0 +1,117 @@
+"""Backpressure for BufferPool: what acquire() does when no block is free.
+
+Released blocks wait for a grace period before reuse. When none of a class
+is free, acquire() first polls the domain once, to the newest goal at the
+head of the waiting queues (a goal that is reached frees every older block
+too), and tries again: reuse, a page that changes class, or a new page.
+With ``max_bytes`` reached, ``on_full`` decides: "raise" gives
+PoolExhaustedError at once; "block" waits, polling with a backoff up to
+20 ms, until a block is free or ``timeout`` runs out (PoolExhaustedError
+again). The error names the threads that hold reclamation back.
+
+While it waits the caller counts as quiescent (it is detached for the
+wait), as retire() does under a cap: a thread that waits for memory holds
+nothing it read from shared structures, and its own retirements must not
+hold back the grace period it waits for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .domain import Domain
+from .errors import PoolExhaustedError
+from .pool_pages import Block, PageSet
+
+__all__ = ["Backpressure"]
+
+
+class Backpressure:
+    """BufferPool's slow acquire path (a mixin: BufferPool sets the state)."""
+
+    _lock: threading.Lock
+    _p: PageSet
+    _domain: Domain
+    _debug: bool
+    _on_full: str
+    _max_bytes: int | None
+    _full_waits: int
+    _exhausted: int
+
+    if TYPE_CHECKING:  # BufferPool's own, used here
+
+        def _check_open(self) -> None: ...
+        def _maybe_trim(self) -> None: ...
+        def _hand_out(self, block: Block, nbytes: int) -> memoryview: ...
+
+    def _acquire_slow(
+        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
+    ) -> memoryview:
+        """Released blocks (of any class: a page may change class) may be
+        safe by now: poll once, then try again; without room, wait or raise."""
+        self._poll_for_waiting()
+        with self._lock:
+            self._check_open()
+            self._maybe_trim()
+            block = attempt()
+            if block is not None:
+                return self._hand_out(block, nbytes)
+        return self._wait_for_room(nbytes, attempt, timeout)
+
+    def _poll_for_waiting(self) -> None:
+        """Outside our lock (a poll runs releases, which may use this pool):
+        one poll to the newest head goal covers every class's oldest block."""
+        with self._lock:
+            heads = self._p.head_goals()
+        if self._debug:
+            if heads:
+                self._domain.poll()  # runs the grace-period callbacks (see the module docstring)
+        elif heads and not self._domain.goal_reached(max(heads)):
+            self._domain.poll(max(heads))
+
+    def _wait_for_room(
+        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
+    ) -> memoryview:
+        if self._on_full == "raise":
+            raise self._exhausted_error(nbytes, 0.0)
+        with self._lock:
+            self._full_waits += 1
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        domain = self._domain
+        # The caller counts as quiescent while it waits, as retire() does
+        # under a cap: it may hold nothing it read from shared structures.
+        with domain.detached() if domain.is_attached() else contextlib.nullcontext():
+            delay = 1e-4
+            while True:
+                self._poll_for_waiting()
+                with self._lock:
+                    self._check_open()
+                    block = attempt()
+                    if block is not None:
+                        return self._hand_out(block, nbytes)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise self._exhausted_error(nbytes, now - start)
+                time.sleep(delay if deadline is None else min(delay, deadline - now))
+                delay = min(delay * 2, 0.02)
+
+    def _exhausted_error(self, nbytes: int, waited: float) -> PoolExhaustedError:
+        with self._lock:
+            self._exhausted += 1
+            out, waiting, _ = self._p.byte_counts()
+            heads = self._p.head_goals()
+        assert self._max_bytes is not None
+        holders = self._domain.holding_back(min(heads)) if heads else []
+        return PoolExhaustedError(
+            nbytes=nbytes,
+            max_bytes=self._max_bytes,
+            bytes_out=out,
+            bytes_waiting=waiting,
+            holders=tuple(holders),
+            waited=waited,
+        )
