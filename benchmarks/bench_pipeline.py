@@ -8,7 +8,8 @@ of two worker threads, which check its crc32. Three ways to receive:
   for frames that do not fit twice), cut it into frames with pool.slice(),
   and give the block's own view back; each worker releases its frame when it
   is done, and the block is reused after a grace period once every frame is
-  back. Workers read inside read sections. One system call per block.
+  back. Workers are registered, report a quiescent state after each frame
+  and are detached while they wait for work. One system call per block.
 * ``bytearray``: a fresh bytearray per frame, recv_into() it.
 * ``recv``: sock.recv(n) per frame, into bytes.
 
@@ -45,6 +46,7 @@ ROUNDS = 1 if QUICK else 3
 WORKERS = 2
 HEADER = struct.Struct("<II")
 BATCH = 64  # frames handed to a worker at once
+QUEUE_BATCHES = 16  # batches in flight between the receiver and the workers
 
 SENDER = r"""
 import os, socket, struct, sys, zlib
@@ -96,29 +98,54 @@ class Run:
         self.pool = qsbr.BufferPool(
             (64, 256, 1024, 4096, 16384, 65536, block), page_size=max(1 << 20, block), domain=self.domain
         )
-        self.q: queue.SimpleQueue[list[tuple[Any, int]] | None] = queue.SimpleQueue()
+        # Bounded, as a real pipeline's would be: a receiver faster than its
+        # workers waits instead of piling up frames (and memory) without end.
+        self.q: queue.Queue[list[tuple[Any, int]] | None] = queue.Queue(maxsize=QUEUE_BATCHES)
         self.frames = 0
         self.bad = 0
         self.lock = threading.Lock()
 
     def worker(self) -> None:
-        d, pool = self.domain, self.pool
-        section = d.attached
+        if self.variant == "pool":
+            self.worker_pool()
+            return
         frames = bad = 0
-        pooled = self.variant == "pool"
         while True:
-            batch = self.q.get()  # blocks detached: the thread holds nothing between batches
+            batch = self.q.get()
             if batch is None:
                 break
-            if pooled:
-                with section():  # reading pooled frames: protected until the end of the block
-                    for view, crc in batch:
-                        bad += zlib.crc32(view) != crc
-                        pool.release(view)
-            else:  # its own bytes: nothing to protect
-                for data, crc in batch:
-                    bad += zlib.crc32(data) != crc
+            for data, crc in batch:  # its own bytes: nothing to protect
+                bad += zlib.crc32(data) != crc
             frames += len(batch)
+        self.count(frames, bad)
+
+    def worker_pool(self) -> None:
+        """A long-lived reader: registered for its life, detached while it
+        waits for work (it holds nothing then), a quiescent state after each
+        frame. (A read section around a whole batch would hold every block
+        released meanwhile until the batch ends: under the GIL, each crc32
+        of a large frame gives the GIL away, and the batch can take
+        milliseconds, while the receiver carves fresh blocks.)"""
+        pool, q = self.pool, self.q
+        frames = bad = 0
+        handle = self.domain.register()
+        quiescent, detached = handle.quiescent, handle.detached
+        try:
+            while True:
+                with detached():
+                    batch = q.get()
+                if batch is None:
+                    break
+                for view, crc in batch:
+                    bad += zlib.crc32(view) != crc
+                    pool.release(view)
+                    quiescent()  # done with this frame
+                frames += len(batch)
+        finally:
+            self.domain.unregister()
+        self.count(frames, bad)
+
+    def count(self, frames: int, bad: int) -> None:
         with self.lock:
             self.frames += frames
             self.bad += bad
