@@ -16,7 +16,7 @@ import pytest
 
 import qsbr
 from helpers import STEP_TIMEOUT, Worker, run_threads, wait_until
-from qsbr.buffer_pool import POISON
+from qsbr.buffer_pool import POISON, POLL_AFTER
 from qsbr.pool_pages import Block, PageSet
 
 #: Run every test here with the domain in debug mode too (conftest.py).
@@ -499,3 +499,26 @@ def test_a_slice_racing_the_release_of_its_view_is_refused_and_the_block_goes_ba
     with pytest.raises(ValueError, match="not out"):
         pool.release(view)
     assert pages.given_back == 1
+
+
+def test_a_pending_grace_period_costs_one_poll_per_batch_of_acquires_not_one_each(
+    domain: qsbr.Domain, worker: Worker
+) -> None:
+    """A reader inside its read holds every released block back. acquire()
+    then carves fresh blocks, and polls the domain once per POLL_AFTER
+    blocks that wait, not once per acquire (each failing poll advances and
+    scans)."""
+    worker.call(domain.register)  # attached, and never quiescent below
+    pool = qsbr.BufferPool((64,), page_size=1 << 16, domain=domain)
+    polls_before = domain.stats().polls
+    for _ in range(10 * POLL_AFTER):
+        pool.release(pool.acquire(64))
+    polls = domain.stats().polls - polls_before
+    if not domain.debug:  # (debug pools also retire each block to the domain, which polls on its own)
+        assert 1 <= polls <= 10, f"{polls} polls for {10 * POLL_AFTER} acquires"
+    assert pool.stats().classes[64].waiting == 10 * POLL_AFTER  # nothing reused under the reader
+    worker.call(domain.unregister)  # the read is over
+    assert domain.synchronize(timeout=STEP_TIMEOUT)
+    pool.release(pool.acquire(64))  # reuses a block: they are all safe now
+    st = pool.stats().classes[64]
+    assert st.waiting <= 1 and st.free >= 10 * POLL_AFTER - 1

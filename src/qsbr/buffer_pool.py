@@ -73,16 +73,13 @@ from . import _fork
 from .default import domain_or_default
 from .domain import Domain
 from .options import check_choice, check_int, check_optional_int, check_seconds
-from .pool_backpressure import Backpressure
+from .pool_backpressure import POLL_AFTER, Backpressure
 from .pool_debug import DebugPool
 from .pool_pages import OUT_SHARD_MASK, POISON, Block, PageSet, byte_view, new_memory
 from .pool_stats import ClassStats, PoolStats
 
 __all__ = ["BufferPool", "PoolStats", "ClassStats", "POISON", "new_memory", "byte_view"]
 
-#: With this many blocks of a class waiting, acquire() polls the domain
-#: before carving fresh ones: reuse keeps the pool small and cache-warm.
-POLL_AFTER = 32
 #: How often (in releases) release() looks for pages to give back.
 TRIM_EVERY = 256
 #: How often (in acquires) debug mode looks for views released but not given back.
@@ -163,6 +160,8 @@ class BufferPool(Backpressure, DebugPool):
         self._p = self._pages_class(classes, page_size, max_bytes, resolved, self._debug)
         #: id(view) -> its _Entry, in the shard ``id(view) >> 4 & OUT_SHARD_MASK``.
         self._out: list[dict[int, _Entry]] = [{} for _ in range(OUT_SHARD_MASK + 1)]
+        #: Per class: acquire() polls the domain once this many blocks wait.
+        self._poll_at: dict[int, int] = dict.fromkeys(classes, POLL_AFTER)
         self._full_waits = self._exhausted = 0
         self._releases = self._acquires = 0
         #: Debug mode: ids of views garbage-collected since the last check
@@ -208,13 +207,16 @@ class BufferPool(Backpressure, DebugPool):
         size = self._class_of[nbytes] if nbytes < len(self._class_of) else self._size_class(nbytes)
         with self._lock:
             # The common case, in one lock section: a free block, or a fresh
-            # one carved while few blocks wait for their grace period.
+            # one carved while few blocks wait for their grace period (fewer
+            # than _poll_at: see pool_backpressure.py).
             self._check_open()
-            block = self._p.take(size, carve=len(self._p.waiting[size]) < POLL_AFTER)
+            block = self._p.take(size, carve=len(self._p.waiting[size]) < self._poll_at[size])
             if block is not None:
                 return self._hand_out(block, nbytes)
         pages = self._p
-        return self._acquire_slow(nbytes, lambda: pages.take(size, carve=True) or pages.grow(size), timeout)
+        return self._acquire_slow(
+            nbytes, lambda: pages.take(size, carve=True) or pages.grow(size), timeout, size
+        )
 
     def buffer(self, nbytes: int, *, timeout: float | None = None) -> _Lease:
         """``with pool.buffer(n) as view:`` the view is given back on exit.

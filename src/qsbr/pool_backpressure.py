@@ -1,9 +1,13 @@
 """Backpressure for BufferPool: what acquire() does when no block is free.
 
 Released blocks wait for a grace period before reuse. When none of a class
-is free, acquire() first polls the domain once, to the newest goal at the
-head of the waiting queues (a goal that is reached frees every older block
-too), and tries again: reuse, a page that changes class, or a new page.
+is free and POLL_AFTER of its blocks wait, acquire() polls the domain once,
+to the newest goal at the head of the waiting queues (a goal that is reached
+frees every older block too), and tries again: reuse, a page that changes
+class, or a new page. A poll that does not reach that goal (a reader is
+still inside its read) moves the class's next poll POLL_AFTER blocks further
+on: until then acquire() carves fresh blocks without polling, so a pending
+grace period costs one poll per POLL_AFTER acquires, not one per acquire.
 With ``max_bytes`` reached, ``on_full`` decides: "raise" gives
 PoolExhaustedError at once; "block" waits, polling with a backoff up to
 20 ms, until a block is free or ``timeout`` runs out (PoolExhaustedError
@@ -27,6 +31,11 @@ from .domain import Domain
 from .errors import PoolExhaustedError
 from .pool_pages import Block, PageSet
 
+#: With this many blocks of a class waiting (and none free), acquire() polls
+#: the domain before carving fresh ones: reuse keeps the pool small and
+#: cache-warm.
+POLL_AFTER = 32
+
 __all__ = ["Backpressure"]
 
 
@@ -41,6 +50,7 @@ class Backpressure:
     _max_bytes: int | None
     _full_waits: int
     _exhausted: int
+    _poll_at: dict[int, int]
 
     if TYPE_CHECKING:  # BufferPool's own, used here
 
@@ -49,29 +59,37 @@ class Backpressure:
         def _hand_out(self, block: Block, nbytes: int) -> memoryview: ...
 
     def _acquire_slow(
-        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
+        self,
+        nbytes: int,
+        attempt: Callable[[], Block | None],
+        timeout: float | None,
+        size: int | None = None,
     ) -> memoryview:
         """Released blocks (of any class: a page may change class) may be
-        safe by now: poll once, then try again; without room, wait or raise."""
-        self._poll_for_waiting()
+        safe by now: poll once, then try again; without room, wait or raise.
+        ``size``: the size class asked for (None for a large block)."""
+        reached = self._poll_for_waiting()
         with self._lock:
             self._check_open()
+            if size is not None:
+                self._poll_at[size] = POLL_AFTER + (0 if reached else len(self._p.waiting[size]))
             self._maybe_trim()
             block = attempt()
             if block is not None:
                 return self._hand_out(block, nbytes)
         return self._wait_for_room(nbytes, attempt, timeout)
 
-    def _poll_for_waiting(self) -> None:
+    def _poll_for_waiting(self) -> bool:
         """Outside our lock (a poll runs releases, which may use this pool):
-        one poll to the newest head goal covers every class's oldest block."""
+        one poll to the newest head goal covers every class's oldest block.
+        Returns whether that goal is reached (True when nothing waits)."""
         with self._lock:
             heads = self._p.head_goals()
+        if not heads:
+            return True
         if self._debug:
-            if heads:
-                self._domain.poll()  # runs the grace-period callbacks (see the module docstring)
-        elif heads and not self._domain.goal_reached(max(heads)):
-            self._domain.poll(max(heads))
+            return self._domain.poll()  # runs the grace-period callbacks (buffer_pool.py's docstring)
+        return self._domain.goal_reached(max(heads)) or self._domain.poll(max(heads))
 
     def _wait_for_room(
         self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
