@@ -233,6 +233,34 @@ def main() -> None:
             detach()
         return time.perf_counter() - t
 
+    # detached() as a context manager against the calls it wraps (the main
+    # thread is registered and attached in `d`).
+    d_handle = d.handle()
+
+    def detached_section(n: int) -> float:
+        detached = d.detached
+        t = time.perf_counter()
+        for _ in range(n):
+            with detached():
+                pass
+        return time.perf_counter() - t
+
+    def handle_detached_section(n: int) -> float:
+        detached = d_handle.detached
+        t = time.perf_counter()
+        for _ in range(n):
+            with detached():
+                pass
+        return time.perf_counter() - t
+
+    def detach_attach(n: int) -> float:
+        detach, attach = d.detach, d.attach
+        t = time.perf_counter()
+        for _ in range(n):
+            detach()
+            attach()
+        return time.perf_counter() - t
+
     # A Cell read, as fast as an attribute, and what debug mode adds.
     plain_cell = qsbr.Cell(1, domain=d)
     debug_domain = qsbr.Domain(debug=True)
@@ -277,6 +305,9 @@ def main() -> None:
             "read_section": read_section,
             "handle_read_section": handle_read_section,
             "attach_quiescent_detach": attach_quiescent_detach,
+            "detached_section": detached_section,
+            "handle_detached_section": handle_detached_section,
+            "detach_attach": detach_attach,
             "cell_value": cell_read(plain_cell),
             "cell_value_debug": cell_read(debug_cell),
         },
@@ -354,6 +385,10 @@ def main() -> None:
     section_ratio = request["read_section"]["median_ns"] / lock_ns
     handle_section_ratio = request["handle_read_section"]["median_ns"] / lock_ns
     triplet_ratio = request["attach_quiescent_detach"]["median_ns"] / lock_ns
+    detached_ratio = request["detached_section"]["median_ns"] / request["detach_attach"]["median_ns"]
+    handle_detached_ratio = (
+        request["handle_detached_section"]["median_ns"] / request["detach_attach"]["median_ns"]
+    )
     debug_read_ratio = request["cell_value_debug"]["median_ns"] / request["cell_value"]["median_ns"]
     array_ratio = request["shared_array_read"]["median_ns"] / request["list_under_lock_read"]["median_ns"]
     results = {
@@ -371,6 +406,8 @@ def main() -> None:
             "read_section_vs_lock": section_ratio,
             "handle_read_section_vs_lock": handle_section_ratio,
             "attach_quiescent_detach_vs_lock": triplet_ratio,
+            "detached_section_vs_detach_attach": detached_ratio,
+            "handle_detached_section_vs_detach_attach": handle_detached_ratio,
             "debug_cell_read_vs_plain": debug_read_ratio,
             "shared_array_read_vs_locked_list": array_ratio,
         },
@@ -395,6 +432,8 @@ def main() -> None:
     print(f"    with domain.attached(): pass     {section_ratio:5.2f}x")
     print(f"    with handle.attached(): pass     {handle_section_ratio:5.2f}x")
     print(f"    attach(); quiescent(); detach()  {triplet_ratio:5.2f}x")
+    print(f"  with domain.detached(): pass / detach(); attach()  {detached_ratio:5.2f}x")
+    print(f"  with handle.detached(): pass / detach(); attach()  {handle_detached_ratio:5.2f}x")
     print(f"  debug mode: Cell.value / plain     {debug_read_ratio:5.2f}x")
     print(f"  SharedArray a[i] / list[i] in lock {array_ratio:5.2f}x")
     print(f"  wrote {path}")
