@@ -186,6 +186,7 @@ class SchedLock:
         self._sched = sched
         self._real = threading.Lock()
         self._owner: int | None = None
+        sched._locks.append(self)
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         while True:
@@ -482,6 +483,8 @@ class Scheduler:
         self._finished = threading.Event()
         self._aborting = False
         self._after: list[Callable[[], Any]] = []
+        #: Every SchedLock made for this run (see _release_abandoned_locks).
+        self._locks: list[SchedLock] = []
         #: thread ident -> how many collections it is inside (see the module
         #: docstring: no switch point fires there). Each entry is written
         #: only by its own thread.
@@ -614,6 +617,23 @@ class Scheduler:
                     nxt.go.release()
             t.ended.set()
 
+    def _release_abandoned_locks(self) -> None:
+        """After an aborted run, release the locks its threads still hold.
+
+        The abort is an exception raised at a switch point, and on 3.11 a
+        line event fires for a ``with lock:`` line after ``__enter__`` has
+        returned, before the block's cleanup is in force: a thread aborted
+        there unwinds with the lock held. The run is over and its domain
+        abandoned, but the workers' thread-exit sentinels still unregister
+        from it later, and would wait on that lock for ever."""
+        for t in self._threads:
+            t.done = True
+        mine = set(self._by_ident)
+        for lock in self._locks:
+            if lock._owner in mine and lock.locked():
+                lock._owner = None
+                lock._real.release()
+
     # -- used by tests ----------------------------------------------------------
 
     def run(self, threads: dict[str, Callable[[], Any]]) -> Outcome:
@@ -646,6 +666,8 @@ class Scheduler:
         for t in self._threads:
             if not t.ended.wait(RUN_TIMEOUT):
                 raise RuntimeError(f"scenario thread {t.name!r} did not end within {RUN_TIMEOUT} s")
+        if self._aborting:
+            self._release_abandoned_locks()
         if not self._aborting:
             for check in self._after:
                 try:

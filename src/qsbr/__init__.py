@@ -5,6 +5,10 @@ writers unlink a resource and retire it; its release (close(), free, return
 to a pool) runs only after every thread that could still hold it has passed
 a quiescent state. The design is CPython's own (InternalDocs/qsbr.md); see
 docs/design.md for how this package maps onto it.
+
+``qsbr.implementation`` is "native" when the C kernel (qsbr._kernel) is in
+use and "python" when the pure-Python twin is (no compiler at install time,
+or QSBR_PURE_PYTHON=1 in the environment at import): see kernel.py.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .errors import (
     UseAfterReleaseError,
 )
 from .executor import ThreadPoolExecutor
+from .kernel import IMPLEMENTATION as implementation
 from .servers import ReadSectionHTTPRequestHandler, ReadSectionMiddleware, ReadSectionMixin
 from .shared_array import SharedArray
 from .sizes import estimate_size
@@ -49,5 +54,6 @@ __all__ = [
     "UseAfterReleaseError",
     "default_domain",
     "estimate_size",
+    "implementation",
 ]
 __version__ = "0.1.0"

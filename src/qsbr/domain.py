@@ -39,11 +39,12 @@ from .assembly import assemble
 from .debug import PendingObjects
 from .deferred import Call, ErrorHandler, call_no_arg
 from .errors import NotRegisteredError
+from .kernel import DomainCore
 from .options import DomainOptions, check_int, check_release
 from .reclaimer import ReclaimerThread
 from .registry import Registry
 from .scan import SCAN_STRATEGIES, Scanner
-from .section import DetachedSection, ReadSection, Registered
+from .section import Registered
 from .sizes import SIZERS, estimate_size
 from .stall import StallReport
 from .stats import DomainStats, snapshot
@@ -52,12 +53,11 @@ from .thread_state import CheckedThreadHandle, Deferrals, ThreadHandle, ThreadSt
 __all__ = ["Domain"]
 
 
-class Domain:
+class Domain(DomainCore):
     """A QSBR domain. See the module docstring and docs/api.md."""
 
+    # wr_seq and the thread-local (_wr_seq, _tls) are the kernel's DomainCore.
     __slots__ = (
-        "_wr_seq",
-        "_tls",
         "_deferred_limit",
         "_deferred_bytes",
         "_admission",
@@ -117,8 +117,8 @@ class Domain:
             on_fork=on_fork,
             debug=debug,
         )
+        super().__init__()  # the kernel's part: wr_seq = 1
         self._options = opts
-        self._wr_seq = 1
         self._tls = threading.local()
         self._deferred_limit = opts.deferred_limit
         self._deferred_bytes = opts.deferred_bytes
@@ -172,10 +172,12 @@ class Domain:
     def advance(self) -> int:
         """wr_seq += 2; returns the new wr_seq."""
         with self._lock:
-            # A read-modify-write: the lock makes concurrent advances add up.
-            # The store publishes the new value to quiescent() readers, who
-            # read it without a lock (a single atomic attribute load).
-            self._wr_seq = new = self._wr_seq + 2
+            # A read-modify-write (the kernel's; atomic in the C twin, and
+            # this lock makes it so in the pure one): concurrent advances add
+            # up. The store publishes the new value to quiescent() readers,
+            # who load it without a lock. The lock also keeps the timing
+            # record in the order of the advances.
+            new = self._advance_wr_seq()
             self._advances += 1
             self._timing.advanced(new)
         return new
@@ -253,17 +255,23 @@ class Domain:
 
     # -- readers: quiescent states --------------------------------------
 
-    def quiescent(self) -> None:
-        """Report a quiescent state: the calling thread holds no reference
-        to anything it read from shared structures. Takes no lock."""
-        try:
-            # One load of wr_seq, one store into this thread's own state (or
-            # into its private sink while detached). Only this thread writes
-            # that seq; scanners read it. The store is ordered after every
-            # read of shared data this thread made before the call.
-            self._tls.report_to.seq = self._wr_seq
-        except AttributeError:
-            raise NotRegisteredError.for_call("quiescent") from None
+    # quiescent(), attached() and detached() are the kernel's (DomainCore):
+    # they find the calling thread's state without Python code on the hot
+    # path, and call _thread_core() when they cannot.
+
+    def _thread_core(self, what: str) -> ThreadState:
+        """The calling thread's state, for the kernel's calls named ``what``:
+        NotRegisteredError if it is not registered, except for "attached",
+        which registers it first (detached: what a read section leaves the
+        thread as between blocks)."""
+        state: ThreadState | None = getattr(self._tls, "state", None)
+        if state is not None:
+            return state
+        if what != "attached":
+            raise NotRegisteredError.for_call(what)
+        state = self._registry.register(self, self._wr_seq, self._handle_class)
+        state.detach()
+        return state
 
     def detach(self) -> None:
         """Leave rd_seq while blocking (I/O, sleep, waiting for work): the
@@ -273,28 +281,6 @@ class Domain:
     def attach(self) -> None:
         """Rejoin after detach(): seq = wr_seq, before any shared read."""
         self._registry.state_or_raise("attach").attach(self._wr_seq)
-
-    def detached(self) -> DetachedSection:
-        """``with domain.detached(): blocking_call()``: detached for the
-        block, attached again after it if it was attached before."""
-        try:
-            return self._tls.state.detached_section  # type: ignore[no-any-return]
-        except AttributeError:
-            raise NotRegisteredError.for_call("detached") from None
-
-    def attached(self) -> ReadSection:
-        """``with domain.attached():`` a read section: the calling thread is
-        attached for the block (registered first if it is not), and the end
-        of the outermost block is a quiescent state, after which the thread
-        is as it was (detached, or attached). See section.py."""
-        try:
-            return self._tls.state.read_section  # type: ignore[no-any-return]
-        except AttributeError:
-            # First use on this thread: join, and start detached, which is
-            # what the section leaves the thread as between blocks.
-            state = self._registry.register(self, self._wr_seq, self._handle_class)
-            state.detach()
-            return state.read_section
 
     def is_attached(self) -> bool:
         """Whether the calling thread is registered and attached: whether

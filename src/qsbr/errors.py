@@ -38,6 +38,14 @@ class NotRegisteredError(RuntimeError):
         )
 
 
+def unregistered_handle_error() -> NotRegisteredError:
+    """The error for a ThreadHandle used after its thread left the domain."""
+    return NotRegisteredError(
+        "this ThreadHandle's thread is no longer registered: register() again and use the "
+        "handle it returns (or domain.quiescent())"
+    )
+
+
 class PendingLimitError(RuntimeError):
     """retire() would take the backlog past the domain's hard cap.
 

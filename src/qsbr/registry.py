@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotRegisteredError
-from .thread_state import UNREGISTERED, ExitSentinel, ThreadHandle, ThreadState
+from .thread_state import ExitSentinel, ThreadHandle, ThreadState
 
 if TYPE_CHECKING:
     from .deferred import DeferredWork
@@ -76,7 +76,7 @@ class Registry:
         state = ThreadState(domain, tls, wr_seq, handle_class)
         self.add(state)
         tls.state = state
-        tls.report_to = state
+        tls.report_to = state  # where the pure kernel's quiescent() stores (_pykernel.py)
         tls.sentinel = ExitSentinel(self.thread_exited, state)
         return state
 
@@ -89,11 +89,11 @@ class Registry:
         self.forget(state)
 
     def forget(self, state: ThreadState) -> None:
-        # Publish "detached" first: a scanner holding an older slot list
-        # then leaves this thread out instead of waiting on it.
-        state.seq = 0
-        if state.handle is not None:
-            state.handle.report_to = UNREGISTERED  # its quiescent() now raises
+        # Publish "detached" first (the kernel stores seq = 0, then marks the
+        # state unregistered): a scanner holding an older slot list then
+        # leaves this thread out instead of waiting on it, and the thread's
+        # handle raises from now on.
+        state._mark_unregistered()
         self.remove(state)
         # The domain takes the thread's backlog over, goals and all: it is
         # neither lost nor released before its goal is reached.

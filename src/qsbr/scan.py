@@ -45,6 +45,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .kernel import scan_slots
 from .registry import Registry
 from .thread_state import ThreadState
 
@@ -87,15 +88,8 @@ class FlatScan:
         """Return (min over attached threads capped at ``wr_seq``, whether
         ``caller`` is the only attached thread). ``wr_seq`` must have been
         read before this call (see the module docstring)."""
-        lowest = wr_seq
-        attached = 0
-        for st in self.registry.slots:
-            if st is not None:
-                seq = st.seq
-                if seq:  # 0 = detached: left out
-                    attached += 1
-                    if seq < lowest:
-                        lowest = seq
+        slots = self.registry.slots
+        lowest, _, attached = scan_slots(slots, 0, len(slots), wr_seq)
         # The caller is registered, so the slot list holds it: if it is
         # attached and only one thread is, that thread is the caller.
         return lowest, attached == 1 and caller is not None and caller.seq != 0
@@ -187,17 +181,12 @@ class IncrementalScan:
                 attached = self._attached
             slots = self.registry.slots
             end = len(slots) if full else min(len(slots), start + self.step)
-            # One C-level copy of the step's slots, then a loop over a list
-            # this thread owns: on free-threaded 3.13, indexing the shared
-            # list item by item costs an atomic reference per item.
-            for st in slots[start:end]:
-                if st is not None:
-                    seq = st.seq
-                    if seq:
-                        attached += 1
-                        if seq < lowest:
-                            lowest = seq
-                            lowest_state = st
+            # The loads are the kernel's (in C: one copy of the step's slots,
+            # a seq_cst fence, then acquire loads of each seq).
+            lowest, found, seen = scan_slots(slots, start, end, lowest)
+            attached += seen
+            if found is not None:
+                lowest_state = found
             if end < len(slots):
                 self._in_pass = True
                 self._cursor = end

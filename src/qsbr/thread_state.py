@@ -7,28 +7,19 @@ out of ``rd_seq``). Only the owning thread ever writes its ``seq``; scanners
 in other threads only read it. That single-writer rule is what lets
 ``quiescent()`` be one plain store with no lock.
 
-A thread finds its state through the domain's ``threading.local``. The local
-also holds, under ``report_to``, the object whose ``seq`` ``quiescent()``
-stores into: the ``ThreadState`` itself while the thread is attached, or a
-private ``Sink`` while it is detached. So a quiescent() call from a detached
-thread cannot silently re-attach it, and it costs no branch on the hot path.
+``seq`` and the operations on it (attach, detach, the thread leaving) are the
+kernel's (kernel.py: ThreadCore, in C or in pure Python); ThreadState adds
+what the policy parts keep per thread (deferral counts, the backlog, stall
+marks, identity). Likewise ThreadHandle's hot calls are the kernel's
+HandleCore; this module adds the Python-level API around them.
 
-Invariant (kept by Domain.register/attach/detach/unregister):
-    tls.report_to is tls.state  <=>  tls.state.seq != 0  (the thread is attached)
-and the same for the thread's ThreadHandle: handle.report_to is
-tls.report_to while the thread is registered, and UNREGISTERED after.
-
-The hot path reads one field of the domain directly: ``ThreadHandle``'s
-``quiescent()`` loads ``domain._wr_seq``, the slot ``Domain.quiescent()``
-loads too. A property would double the cost of the call this class exists
-to make cheap; it is the only private member of the domain read here.
-
-A thread that exits while registered must not hold reclamation back forever
-(CPython's gh-130794). The local also holds an ``ExitSentinel``; when the
-thread ends, CPython clears the thread's locals, the sentinel is destroyed,
-and its ``__del__`` calls back into the domain, which unregisters the state.
-This works on 3.11 and on free-threaded 3.13t (tests/test_threads.py checks
-it on both).
+A thread finds its state through the domain's ``threading.local``
+(``tls.state``). A thread that exits while registered must not hold
+reclamation back forever (CPython's gh-130794). The local also holds an
+``ExitSentinel``; when the thread ends, CPython clears the thread's locals
+(in the exiting thread), the sentinel is destroyed, and its ``__del__``
+calls back into the domain, which unregisters the state. This works on 3.11
+and on free-threaded 3.13t (tests/test_threads.py checks it on both).
 """
 
 from __future__ import annotations
@@ -39,103 +30,45 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotRegisteredError
-from .section import DetachedSection, ReadSection
+from .errors import unregistered_handle_error
+from .kernel import DetachedSection, HandleCore, ReadSection, Sink, ThreadCore
 
 if TYPE_CHECKING:
     from .domain import Domain
 
-__all__ = ["ThreadState", "Sink", "ExitSentinel", "ThreadHandle", "CheckedThreadHandle", "UNREGISTERED"]
+__all__ = ["ThreadState", "ExitSentinel", "ThreadHandle", "CheckedThreadHandle"]
 
 
-class Sink:
-    """Where a detached thread's quiescent() stores land; nobody reads it."""
-
-    __slots__ = ("seq",)
-
-    def __init__(self) -> None:
-        self.seq = 0
-
-
-class _Unregistered:
-    """Where a handle points once its thread has left the domain."""
-
-    __slots__ = ()
-
-    @property
-    def seq(self) -> int:
-        return 0
-
-    @seq.setter
-    def seq(self, value: int) -> None:
-        raise NotRegisteredError(
-            "this ThreadHandle's thread is no longer registered: register() again and use the "
-            "handle it returns (or domain.quiescent())"
-        )
-
-
-UNREGISTERED = _Unregistered()
-
-
-class ThreadHandle:
+class ThreadHandle(HandleCore):
     """The calling thread's own handle on a domain, for hot read loops.
 
     ``handle.quiescent()`` is ``domain.quiescent()`` without finding the
-    thread's state through the domain's threading.local: one load of
-    wr_seq, one store into this thread's state. docs/benchmarks.md has the
-    figures; on free-threaded Python it also reads one shared object fewer
-    (reads of shared objects are what contend there). ``attach()``,
+    thread's state through the domain: one load of wr_seq, one store into
+    this thread's state. docs/benchmarks.md has the figures. ``attach()``,
     ``detach()``, ``attached()`` and ``detached()`` are the domain's, for
-    this thread, without the thread-local lookup.
+    this thread, without the lookup.
 
     A handle belongs to the thread that registered: never pass it to
     another thread (its store would be that thread's quiescent state, a
-    lie; in debug mode that raises RuntimeError). Like tls.report_to,
-    ``report_to`` is the ThreadState while the thread is attached and its
-    private Sink while it is detached (so quiescent() on a detached thread
-    does nothing), and UNREGISTERED once it has left (quiescent() then
-    raises NotRegisteredError).
+    lie; in debug mode that raises RuntimeError). On a detached thread
+    ``quiescent()`` does nothing; once the thread has left the domain every
+    call raises NotRegisteredError.
     """
 
-    __slots__ = ("report_to", "_domain", "_state", "__weakref__")
-
-    def __init__(self, domain: Domain, state: ThreadState) -> None:
-        self.report_to: ThreadState | Sink | _Unregistered = state
-        self._domain = domain
-        self._state = state
+    __slots__ = ("__weakref__",)
 
     @property
     def domain(self) -> Domain:
         return self._domain
 
-    def quiescent(self) -> None:
-        """Report a quiescent state for this thread. Takes no lock."""
-        # The same single store as Domain.quiescent(), ordered the same way.
-        self.report_to.seq = self._domain._wr_seq
-
-    def _registered_state(self) -> ThreadState:
-        if self.report_to is UNREGISTERED:
-            UNREGISTERED.seq = 0  # raises NotRegisteredError, with the hint
-        return self._state
-
-    def attached(self) -> ReadSection:
-        """``with handle.attached():`` a read section (see section.py)."""
-        return self._registered_state().read_section
-
-    def detached(self) -> DetachedSection:
-        """``with handle.detached():`` around a blocking call."""
-        return self._registered_state().detached_section
-
-    def attach(self) -> None:
-        """Rejoin after detach(): seq = wr_seq, before any shared read."""
-        self._registered_state().attach(self._domain._wr_seq)
-
-    def detach(self) -> None:
-        """Leave rd_seq while blocking; hold no shared reference until attach()."""
-        self._registered_state().detach()
+    def _unregistered(self) -> None:
+        """Raise the error of a handle whose thread left (the kernel calls it)."""
+        raise unregistered_handle_error()
 
     def __repr__(self) -> str:
-        return f"<qsbr.ThreadHandle report_to={self.report_to!r}>"
+        state = self._state
+        what = "unregistered" if not state.registered else f"seq={state.seq}"
+        return f"<qsbr.ThreadHandle {what}>"
 
 
 class CheckedThreadHandle(ThreadHandle):
@@ -177,15 +110,12 @@ class CheckedThreadHandle(ThreadHandle):
         super().detach()
 
 
-class ThreadState:
+class ThreadState(ThreadCore):
     """One registered thread's view of the domain."""
 
     __slots__ = (
-        "seq",
         "handle",
         "tls",
-        "read_section",
-        "detached_section",
         "deferrals",
         "bytes_at_advance",
         "retired_bytes",
@@ -242,21 +172,6 @@ class ThreadState:
         self.handle = handle_class(domain, self)
         self.read_section = ReadSection(self, domain)
         self.detached_section = DetachedSection(self, domain)
-
-    def attach(self, wr_seq: int) -> None:
-        """Attached again: ``seq = wr_seq``, stored before the thread reads
-        anything shared (program order). Only the owning thread calls it."""
-        self.seq = wr_seq
-        self.tls.report_to = self
-        self.handle.report_to = self
-
-    def detach(self) -> None:
-        """Detached: ``seq = 0``, stored after every shared read the thread
-        made (program order), so a scanner that sees 0 may leave it out."""
-        self.seq = 0
-        sink = self.sink
-        self.tls.report_to = sink
-        self.handle.report_to = sink
 
     def __repr__(self) -> str:
         return f"<ThreadState {self.name!r} ident={self.ident} seq={self.seq}>"

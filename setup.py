@@ -1,0 +1,67 @@
+"""Build of qsbr's optional C kernel (everything else is in pyproject.toml).
+
+The extension qsbr._kernel is optional: where it cannot be built (no C
+compiler, no Python headers) the install still succeeds and qsbr runs on its
+pure-Python kernel (qsbr.implementation == "python"). Environment:
+
+* QSBR_NO_EXTENSION=1  build nothing: a pure-Python install (and wheel);
+* QSBR_STRICT_BUILD=1  -Wall -Wextra -Werror, and a failed build fails the
+                       install (CI and `make test` use it);
+* QSBR_SANITIZE=1      build with AddressSanitizer and UBSan (`make sanitize`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that says, in one line, when it falls back to pure Python."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:
+            if _flag("QSBR_STRICT_BUILD"):
+                raise
+            print(f"qsbr: C kernel not built ({exc}); installing the pure-Python kernel", file=sys.stderr)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            if _flag("QSBR_STRICT_BUILD"):
+                raise
+            print(f"qsbr: C kernel not built ({exc}); installing the pure-Python kernel", file=sys.stderr)
+
+
+def extensions() -> list[Extension]:
+    if _flag("QSBR_NO_EXTENSION"):
+        return []
+    compile_args = ["-std=c11"]
+    link_args: list[str] = []
+    if _flag("QSBR_STRICT_BUILD"):
+        compile_args += ["-Wall", "-Wextra", "-Werror"]
+    if _flag("QSBR_SANITIZE"):
+        sanitizers = "-fsanitize=address,undefined"
+        compile_args += [sanitizers, "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+        link_args += [sanitizers]
+    return [
+        Extension(
+            "qsbr._kernel",
+            sources=["src/qsbr/_kernel.c"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    ]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

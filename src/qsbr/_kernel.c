@@ -1,0 +1,1108 @@
+/* qsbr._kernel: the native twin of qsbr/_pykernel.py.
+ *
+ * The kernel is the part of qsbr that readers run on every request: the
+ * design's wr_seq, each thread's seq, quiescent(), attach/detach and the
+ * read sections, and the loads of the rd_seq scan. Everything else (the
+ * registry, the deferred lists, caps, stalls, stats) is Python and does not
+ * know which twin it runs on: qsbr/kernel.py picks this module when it was
+ * built and QSBR_PURE_PYTHON is not set, else _pykernel.py. The two twins
+ * behave the same, errors included; the suite runs on both.
+ *
+ * Types (each a base class the Python package subclasses):
+ *   DomainCore       wr_seq (atomic int64) and a per-process serial; the
+ *                    base of qsbr.Domain: quiescent(), attached(), detached()
+ *   ThreadCore       one registered thread's seq (atomic int64) and whether
+ *                    it is registered; the base of ThreadState
+ *   HandleCore       a thread's own handle (domain, state); the base of
+ *                    ThreadHandle: quiescent(), attach(), detach(), ...
+ *   ReadSection      `with domain.attached():` (levels as bits of a uint64)
+ *   DetachedSection  `with domain.detached():`
+ * and scan_slots(), the loads of one step of the rd_seq scan.
+ *
+ * Invariants (the design's, kept here):
+ *   I1. wr_seq starts at 1 and only _advance_wr_seq() changes it, by +2
+ *       (an atomic RMW): it is odd and never decreases.
+ *   I2. A ThreadCore's seq is written by its own thread (quiescent, attach,
+ *       detach, the sections), except the 0 stored when it is unregistered
+ *       (its own thread, or, after fork or at thread exit, whoever repairs).
+ *       seq == 0 means detached: scans leave it out.
+ *   I3. A thread's quiescent() / section exit stores seq = wr_seq with
+ *       release order after loading wr_seq with acquire order: every shared
+ *       read the thread made before is ordered before the store, and every
+ *       read after it sees the unlinks that preceded the advance it loaded.
+ *   I4. attach (entering a section from detached) stores seq and then issues
+ *       a seq_cst fence, before the thread reads anything shared. With the
+ *       scan's seq_cst fence before its loads (scan_slots) this rules out
+ *       the store-buffering outcome "the scan saw 0, the reader read the
+ *       old pointer" (see docs/design.md, "Memory ordering").
+ *   I5. The per-thread cache (tl_cache) maps a domain's serial to the
+ *       calling thread's ThreadCore, borrowed. Serials are never reused, so
+ *       an entry can only be used on the live domain it was made for. A
+ *       thread's state is freed only after it is unregistered, which the
+ *       thread does itself (unregister(), or its exit sentinel, which runs in
+ *       the exiting thread) and which clears the entry; an entry that
+ *       outlives that (another thread unregistered the state: fork repair)
+ *       still points to a live state, whose `registered` flag is 0, so the
+ *       slow path runs. ThreadCore's dealloc clears the entry too.
+ *
+ * No GIL is assumed: on free-threaded builds every field shared between
+ * threads is a C11 atomic, and the module declares Py_MOD_GIL_NOT_USED.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+/* -- module state ------------------------------------------------------ */
+
+typedef struct {
+    PyTypeObject *DomainCore_type;
+    PyTypeObject *ThreadCore_type;
+    PyTypeObject *HandleCore_type;
+    PyTypeObject *ReadSection_type;
+    PyTypeObject *DetachedSection_type;
+} kernel_state;
+
+static struct PyModuleDef kernel_module;
+
+static inline kernel_state *
+get_kernel_state(PyObject *module)
+{
+    return (kernel_state *)PyModule_GetState(module);
+}
+
+/* -- objects ------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    _Atomic int64_t wr_seq;  /* I1 */
+    uint64_t serial;         /* unique in the process, never 0 (I5) */
+    PyObject *tls;           /* the domain's threading.local (Python's) */
+} DomainCore;
+
+typedef struct {
+    PyObject_HEAD
+    _Atomic int64_t seq;     /* I2: wr_seq at the last quiescent state; 0 = detached */
+    _Atomic int registered;  /* 1 from creation until _mark_unregistered() */
+    PyObject *read_section;
+    PyObject *detached_section;
+} ThreadCore;
+
+typedef struct {
+    PyObject_HEAD
+    DomainCore *domain;
+    ThreadCore *state;
+} HandleCore;
+
+/* A read or detached section: per nesting level, whether the thread was
+ * attached when the level began, as bits of `levels` below a leading 1. */
+typedef struct {
+    PyObject_HEAD
+    ThreadCore *state;
+    DomainCore *domain;
+    uint64_t levels;
+} Section;
+
+#define MAX_DEPTH 62  /* levels holds the leading 1 and one bit per level */
+
+static _Atomic uint64_t next_serial = 1;
+
+typedef struct {
+    uint64_t serial;
+    ThreadCore *state;  /* borrowed (I5) */
+} cache_entry;
+
+static _Thread_local cache_entry tl_cache;
+
+/* -- the design's operations on seq ------------------------------------ */
+
+static inline int64_t
+load_wr_seq(DomainCore *d)
+{
+    /* I3: acquire, so that reads after it see what preceded the advance. */
+    return atomic_load_explicit(&d->wr_seq, memory_order_acquire);
+}
+
+static inline void
+store_quiescent(ThreadCore *st, int64_t wr)
+{
+    /* I3: release, after every shared read the thread made before. */
+    atomic_store_explicit(&st->seq, wr, memory_order_release);
+}
+
+static inline void
+store_attach(ThreadCore *st, int64_t wr)
+{
+    /* I4: the store, then a full fence before any shared read: a scan that
+     * misses this store (sees 0) ran its fence before ours, so it only
+     * frees what was unlinked before the reads that follow here. */
+    atomic_store_explicit(&st->seq, wr, memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst);
+}
+
+static inline void
+store_detach(ThreadCore *st)
+{
+    /* Release: after the last shared read of the attached stretch. */
+    atomic_store_explicit(&st->seq, 0, memory_order_release);
+}
+
+static inline int64_t
+load_seq(ThreadCore *st)
+{
+    return atomic_load_explicit(&st->seq, memory_order_acquire);
+}
+
+static inline int
+is_registered(ThreadCore *st)
+{
+    return atomic_load_explicit(&st->registered, memory_order_relaxed);
+}
+
+static int
+check_seq_value(PyObject *value, int64_t *out)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "seq must be an int, not %.100s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "seq must be >= 0");
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* -- the per-thread cache (I5) ----------------------------------------- */
+
+/* The calling thread's state in `d`, or NULL (no exception set) when the
+ * cache has no live entry for it. */
+static inline ThreadCore *
+cached_state(DomainCore *d)
+{
+    ThreadCore *st = tl_cache.state;
+    if (tl_cache.serial == d->serial && st != NULL && is_registered(st)) {
+        return st;
+    }
+    return NULL;
+}
+
+static inline void
+forget_cached(ThreadCore *st)
+{
+    if (tl_cache.state == st) {
+        tl_cache.state = NULL;
+        tl_cache.serial = 0;
+    }
+}
+
+/* The slow path: ask the domain (Python) for the calling thread's state,
+ * `what` naming the call for its NotRegisteredError; cache it. Returns a
+ * borrowed pointer kept alive by the thread's registration, or NULL with an
+ * exception set. */
+static ThreadCore *
+lookup_state(DomainCore *d, const char *what)
+{
+    PyObject *st = PyObject_CallMethod((PyObject *)d, "_thread_core", "s", what);
+    if (st == NULL) {
+        return NULL;
+    }
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(d), &kernel_module);
+    if (module == NULL) {
+        Py_DECREF(st);
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(st, get_kernel_state(module)->ThreadCore_type)) {
+        PyErr_Format(PyExc_TypeError, "_thread_core() returned a %.100s, not a thread state",
+                     Py_TYPE(st)->tp_name);
+        Py_DECREF(st);
+        return NULL;
+    }
+    ThreadCore *core = (ThreadCore *)st;
+    /* The thread's registration (tls.state) keeps it alive; the borrowed
+     * pointer is valid while it stays registered (I5). */
+    if (is_registered(core)) {
+        tl_cache.serial = d->serial;
+        tl_cache.state = core;
+    }
+    Py_DECREF(st);
+    return core;
+}
+
+/* -- DomainCore ---------------------------------------------------------- */
+
+static PyObject *
+DomainCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    DomainCore *self = (DomainCore *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    atomic_init(&self->wr_seq, 1);
+    self->serial = atomic_fetch_add_explicit(&next_serial, 1, memory_order_relaxed);
+    self->tls = NULL;
+    return (PyObject *)self;
+}
+
+static int
+DomainCore_traverse(DomainCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->tls);
+    return 0;
+}
+
+static int
+DomainCore_clear(DomainCore *self)
+{
+    Py_CLEAR(self->tls);
+    return 0;
+}
+
+static void
+DomainCore_dealloc(DomainCore *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)DomainCore_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+DomainCore_quiescent(DomainCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = cached_state(self);
+    if (st == NULL && (st = lookup_state(self, "quiescent")) == NULL) {
+        return NULL;
+    }
+    /* Detached (seq 0): nothing to report, and quiescent() must not attach. */
+    if (load_seq(st) != 0 && is_registered(st)) {
+        store_quiescent(st, load_wr_seq(self));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+DomainCore_attached(DomainCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = cached_state(self);
+    if (st == NULL && (st = lookup_state(self, "attached")) == NULL) {
+        return NULL;
+    }
+    return Py_NewRef(st->read_section);
+}
+
+static PyObject *
+DomainCore_detached(DomainCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = cached_state(self);
+    if (st == NULL && (st = lookup_state(self, "detached")) == NULL) {
+        return NULL;
+    }
+    return Py_NewRef(st->detached_section);
+}
+
+static PyObject *
+DomainCore_advance_wr_seq(DomainCore *self, PyObject *Py_UNUSED(ignored))
+{
+    /* I1: an atomic RMW, seq_cst: concurrent advances add up, and the new
+     * value is ordered after the caller's unlinks. */
+    int64_t new = atomic_fetch_add_explicit(&self->wr_seq, 2, memory_order_seq_cst) + 2;
+    return PyLong_FromLongLong(new);
+}
+
+static PyObject *
+DomainCore_get_wr_seq(DomainCore *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(load_wr_seq(self));
+}
+
+static PyObject *
+DomainCore_get_tls(DomainCore *self, void *Py_UNUSED(closure))
+{
+    if (self->tls == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_tls");
+        return NULL;
+    }
+    return Py_NewRef(self->tls);
+}
+
+static int
+DomainCore_set_tls(DomainCore *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_tls cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(self->tls, Py_NewRef(value));
+    return 0;
+}
+
+static PyMethodDef DomainCore_methods[] = {
+    {"quiescent", (PyCFunction)DomainCore_quiescent, METH_NOARGS,
+     "quiescent($self, /)\n--\n\n"
+     "Report a quiescent state: the calling thread holds no reference to\n"
+     "anything it read from shared structures. Takes no lock."},
+    {"attached", (PyCFunction)DomainCore_attached, METH_NOARGS,
+     "attached($self, /)\n--\n\n"
+     "``with domain.attached():`` a read section (see qsbr/section.py)."},
+    {"detached", (PyCFunction)DomainCore_detached, METH_NOARGS,
+     "detached($self, /)\n--\n\n"
+     "``with domain.detached(): blocking_call()``: detached for the block."},
+    {"_advance_wr_seq", (PyCFunction)DomainCore_advance_wr_seq, METH_NOARGS,
+     "_advance_wr_seq($self, /)\n--\n\n"
+     "wr_seq += 2 (atomically); returns the new wr_seq."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef DomainCore_getset[] = {
+    {"_wr_seq", (getter)DomainCore_get_wr_seq, NULL, "wr_seq, loaded with acquire order", NULL},
+    {"_tls", (getter)DomainCore_get_tls, (setter)DomainCore_set_tls, "the domain's threading.local", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot DomainCore_slots[] = {
+    {Py_tp_doc, "The kernel part of a qsbr.Domain: wr_seq and the readers' calls."},
+    {Py_tp_new, DomainCore_new},
+    {Py_tp_dealloc, DomainCore_dealloc},
+    {Py_tp_traverse, DomainCore_traverse},
+    {Py_tp_clear, DomainCore_clear},
+    {Py_tp_methods, DomainCore_methods},
+    {Py_tp_getset, DomainCore_getset},
+    {0, NULL},
+};
+
+static PyType_Spec DomainCore_spec = {
+    .name = "qsbr._kernel.DomainCore",
+    .basicsize = sizeof(DomainCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = DomainCore_slots,
+};
+
+/* -- ThreadCore ----------------------------------------------------------- */
+
+static PyObject *
+ThreadCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    ThreadCore *self = (ThreadCore *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    atomic_init(&self->seq, 0);
+    atomic_init(&self->registered, 1);
+    self->read_section = NULL;
+    self->detached_section = NULL;
+    return (PyObject *)self;
+}
+
+static int
+ThreadCore_traverse(ThreadCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->read_section);
+    Py_VISIT(self->detached_section);
+    return 0;
+}
+
+static int
+ThreadCore_clear(ThreadCore *self)
+{
+    Py_CLEAR(self->read_section);
+    Py_CLEAR(self->detached_section);
+    return 0;
+}
+
+static void
+ThreadCore_dealloc(ThreadCore *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    forget_cached(self);  /* I5 */
+    (void)ThreadCore_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+ThreadCore_get_seq(ThreadCore *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(load_seq(self));
+}
+
+static int
+ThreadCore_set_seq(ThreadCore *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    int64_t v;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "seq cannot be deleted");
+        return -1;
+    }
+    if (check_seq_value(value, &v) < 0) {
+        return -1;
+    }
+    /* A store from Python code (registration, a waiter counted as
+     * quiescent, unregistering): as attach when it attaches (I4), a release
+     * store otherwise (I3). */
+    if (v != 0 && load_seq(self) == 0) {
+        store_attach(self, v);
+    }
+    else {
+        store_quiescent(self, v);
+    }
+    return 0;
+}
+
+static PyObject *
+ThreadCore_attach(ThreadCore *self, PyObject *arg)
+{
+    int64_t wr;
+    if (check_seq_value(arg, &wr) < 0) {
+        return NULL;
+    }
+    store_attach(self, wr);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ThreadCore_detach(ThreadCore *self, PyObject *Py_UNUSED(ignored))
+{
+    store_detach(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ThreadCore_mark_unregistered(ThreadCore *self, PyObject *Py_UNUSED(ignored))
+{
+    /* Detached first, then not registered: a scan that still holds this
+     * state leaves it out; the thread's own calls take the slow path. */
+    store_detach(self);
+    atomic_store_explicit(&self->registered, 0, memory_order_release);
+    forget_cached(self);  /* I5: the calling thread's entry, if it is its own */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ThreadCore_get_registered(ThreadCore *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(is_registered(self));
+}
+
+static PyMethodDef ThreadCore_methods[] = {
+    {"attach", (PyCFunction)ThreadCore_attach, METH_O,
+     "attach($self, wr_seq, /)\n--\n\n"
+     "Attached again: seq = wr_seq, then a full fence, before any shared read."},
+    {"detach", (PyCFunction)ThreadCore_detach, METH_NOARGS,
+     "detach($self, /)\n--\n\n"
+     "Detached: seq = 0, stored after every shared read the thread made."},
+    {"_mark_unregistered", (PyCFunction)ThreadCore_mark_unregistered, METH_NOARGS,
+     "_mark_unregistered($self, /)\n--\n\n"
+     "The thread left: seq = 0, and its handle's calls raise NotRegisteredError."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ThreadCore_getset[] = {
+    {"seq", (getter)ThreadCore_get_seq, (setter)ThreadCore_set_seq,
+     "wr_seq as of this thread's last quiescent state; 0 = detached.", NULL},
+    {"registered", (getter)ThreadCore_get_registered, NULL, "whether the thread is still registered", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef ThreadCore_members[] = {
+    {"read_section", T_OBJECT_EX, offsetof(ThreadCore, read_section), 0, "the thread's ReadSection"},
+    {"detached_section", T_OBJECT_EX, offsetof(ThreadCore, detached_section), 0,
+     "the thread's DetachedSection"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot ThreadCore_slots[] = {
+    {Py_tp_doc, "The kernel part of a registered thread's state: its seq."},
+    {Py_tp_new, ThreadCore_new},
+    {Py_tp_dealloc, ThreadCore_dealloc},
+    {Py_tp_traverse, ThreadCore_traverse},
+    {Py_tp_clear, ThreadCore_clear},
+    {Py_tp_methods, ThreadCore_methods},
+    {Py_tp_getset, ThreadCore_getset},
+    {Py_tp_members, ThreadCore_members},
+    {0, NULL},
+};
+
+static PyType_Spec ThreadCore_spec = {
+    .name = "qsbr._kernel.ThreadCore",
+    .basicsize = sizeof(ThreadCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = ThreadCore_slots,
+};
+
+/* -- HandleCore ------------------------------------------------------------- */
+
+static int
+check_instance(PyObject *obj, PyTypeObject *type, const char *what)
+{
+    if (!PyObject_TypeCheck(obj, type)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %s, not %.100s", what, type->tp_name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+HandleCore_init(HandleCore *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"domain", "state", NULL};
+    PyObject *domain, *state;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:ThreadHandle", kwlist, &domain, &state)) {
+        return -1;
+    }
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &kernel_module);
+    if (module == NULL) {
+        return -1;
+    }
+    kernel_state *ks = get_kernel_state(module);
+    if (check_instance(domain, ks->DomainCore_type, "domain") < 0
+        || check_instance(state, ks->ThreadCore_type, "state") < 0) {
+        return -1;
+    }
+    if (self->domain != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a ThreadHandle is initialised once");
+        return -1;
+    }
+    self->domain = (DomainCore *)Py_NewRef(domain);
+    self->state = (ThreadCore *)Py_NewRef(state);
+    return 0;
+}
+
+static int
+HandleCore_traverse(HandleCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->domain);
+    Py_VISIT(self->state);
+    return 0;
+}
+
+static int
+HandleCore_clear(HandleCore *self)
+{
+    Py_CLEAR(self->domain);
+    Py_CLEAR(self->state);
+    return 0;
+}
+
+static void
+HandleCore_dealloc(HandleCore *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)HandleCore_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* The handle's state if its thread is registered; else NULL with the
+ * handle's NotRegisteredError (its Python method words it). */
+static ThreadCore *
+handle_state(HandleCore *self)
+{
+    ThreadCore *st = self->state;
+    if (st == NULL || self->domain == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ThreadHandle.__init__ was not called");
+        return NULL;
+    }
+    if (!is_registered(st)) {
+        PyObject *r = PyObject_CallMethod((PyObject *)self, "_unregistered", NULL);
+        Py_XDECREF(r);
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "this ThreadHandle's thread is no longer registered");
+        }
+        return NULL;
+    }
+    return st;
+}
+
+static PyObject *
+HandleCore_quiescent(HandleCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = handle_state(self);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (load_seq(st) != 0) {  /* detached: does nothing */
+        store_quiescent(st, load_wr_seq(self->domain));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+HandleCore_attach(HandleCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = handle_state(self);
+    if (st == NULL) {
+        return NULL;
+    }
+    store_attach(st, load_wr_seq(self->domain));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+HandleCore_detach(HandleCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = handle_state(self);
+    if (st == NULL) {
+        return NULL;
+    }
+    store_detach(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+HandleCore_attached(HandleCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = handle_state(self);
+    return st == NULL ? NULL : Py_NewRef(st->read_section);
+}
+
+static PyObject *
+HandleCore_detached(HandleCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = handle_state(self);
+    return st == NULL ? NULL : Py_NewRef(st->detached_section);
+}
+
+static PyMethodDef HandleCore_methods[] = {
+    {"quiescent", (PyCFunction)HandleCore_quiescent, METH_NOARGS,
+     "quiescent($self, /)\n--\n\n"
+     "Report a quiescent state for this thread. Takes no lock."},
+    {"attach", (PyCFunction)HandleCore_attach, METH_NOARGS,
+     "attach($self, /)\n--\n\n"
+     "Rejoin after detach(): seq = wr_seq, before any shared read."},
+    {"detach", (PyCFunction)HandleCore_detach, METH_NOARGS,
+     "detach($self, /)\n--\n\n"
+     "Leave rd_seq while blocking; hold no shared reference until attach()."},
+    {"attached", (PyCFunction)HandleCore_attached, METH_NOARGS,
+     "attached($self, /)\n--\n\n"
+     "``with handle.attached():`` a read section."},
+    {"detached", (PyCFunction)HandleCore_detached, METH_NOARGS,
+     "detached($self, /)\n--\n\n"
+     "``with handle.detached():`` around a blocking call."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef HandleCore_members[] = {
+    {"_domain", T_OBJECT, offsetof(HandleCore, domain), READONLY, NULL},
+    {"_state", T_OBJECT, offsetof(HandleCore, state), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot HandleCore_slots[] = {
+    {Py_tp_doc, "The kernel part of a ThreadHandle."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, HandleCore_init},
+    {Py_tp_dealloc, HandleCore_dealloc},
+    {Py_tp_traverse, HandleCore_traverse},
+    {Py_tp_clear, HandleCore_clear},
+    {Py_tp_methods, HandleCore_methods},
+    {Py_tp_members, HandleCore_members},
+    {0, NULL},
+};
+
+static PyType_Spec HandleCore_spec = {
+    .name = "qsbr._kernel.HandleCore",
+    .basicsize = sizeof(HandleCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = HandleCore_slots,
+};
+
+/* -- ReadSection and DetachedSection ----------------------------------------- */
+
+static int
+Section_init(Section *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"state", "domain", NULL};
+    PyObject *state, *domain;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:Section", kwlist, &state, &domain)) {
+        return -1;
+    }
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &kernel_module);
+    if (module == NULL) {
+        return -1;
+    }
+    kernel_state *ks = get_kernel_state(module);
+    if (check_instance(state, ks->ThreadCore_type, "state") < 0
+        || check_instance(domain, ks->DomainCore_type, "domain") < 0) {
+        return -1;
+    }
+    if (self->state != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a section is initialised once");
+        return -1;
+    }
+    self->state = (ThreadCore *)Py_NewRef(state);
+    self->domain = (DomainCore *)Py_NewRef(domain);
+    self->levels = 1;  /* no level open */
+    return 0;
+}
+
+static int
+Section_traverse(Section *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->state);
+    Py_VISIT(self->domain);
+    return 0;
+}
+
+static int
+Section_clear(Section *self)
+{
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->domain);
+    return 0;
+}
+
+static void
+Section_dealloc(Section *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)Section_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* Push a level (`was_attached`) or raise; the errors are the Python twin's. */
+static int
+push_level(Section *self, int was_attached)
+{
+    if (self->state == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "section.__init__ was not called");
+        return -1;
+    }
+    if (self->levels >> MAX_DEPTH) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "sections nest at most %d deep: leave a block before entering another", MAX_DEPTH);
+        return -1;
+    }
+    self->levels = self->levels << 1 | (uint64_t)(was_attached != 0);
+    return 0;
+}
+
+/* Pop a level into *levels (the value before the pop), or raise. */
+static int
+pop_level(Section *self, uint64_t *levels)
+{
+    if (self->state == NULL || self->levels <= 1) {
+        PyErr_SetString(PyExc_RuntimeError, "__exit__ without a matching __enter__");
+        return -1;
+    }
+    *levels = self->levels;
+    self->levels >>= 1;
+    return 0;
+}
+
+static PyObject *
+ReadSection_enter(Section *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = self->state;
+    int attached = st != NULL && load_seq(st) != 0;
+    if (push_level(self, attached) < 0) {
+        return NULL;
+    }
+    if (!attached) {
+        store_attach(st, load_wr_seq(self->domain));  /* I4: before the block reads anything */
+    }
+    return Py_NewRef(self);
+}
+
+static PyObject *
+ReadSection_exit(Section *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t levels;
+    (void)args;
+    (void)nargs;
+    if (pop_level(self, &levels) < 0) {
+        return NULL;
+    }
+    ThreadCore *st = self->state;
+    if (!(levels & 1)) {  /* this level found the thread detached: it leaves it so */
+        if (load_seq(st) != 0) {
+            store_detach(st);  /* after the block's last shared read */
+        }
+    }
+    else if (levels == 3) {  /* the outermost block, entered attached: a quiescent state */
+        int64_t wr = load_wr_seq(self->domain);
+        if (load_seq(st) != 0) {
+            store_quiescent(st, wr);
+        }
+        else {  /* detached inside the block: attached again, as it was */
+            store_attach(st, wr);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+DetachedSection_enter(Section *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = self->state;
+    int attached = st != NULL && load_seq(st) != 0;
+    if (push_level(self, attached) < 0) {
+        return NULL;
+    }
+    if (attached) {
+        store_detach(st);
+    }
+    return Py_NewRef(self);
+}
+
+static PyObject *
+DetachedSection_exit(Section *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t levels;
+    (void)args;
+    (void)nargs;
+    if (pop_level(self, &levels) < 0) {
+        return NULL;
+    }
+    if (levels & 1) {  /* attached when the block began: attached again, before any shared read */
+        store_attach(self->state, load_wr_seq(self->domain));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Section_get_depth(Section *self, void *Py_UNUSED(closure))
+{
+    int depth = 0;
+    for (uint64_t l = self->levels; l > 1; l >>= 1) {
+        depth++;
+    }
+    return PyLong_FromLong(depth);
+}
+
+static PyGetSetDef Section_getset[] = {
+    {"depth", (getter)Section_get_depth, NULL, "How many blocks of this thread are open.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef ReadSection_methods[] = {
+    {"__enter__", (PyCFunction)ReadSection_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))ReadSection_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef DetachedSection_methods[] = {
+    {"__enter__", (PyCFunction)DetachedSection_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))DetachedSection_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot ReadSection_slots[] = {
+    {Py_tp_doc, "One thread's ``with domain.attached():`` (see qsbr/section.py)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Section_init},
+    {Py_tp_dealloc, Section_dealloc},
+    {Py_tp_traverse, Section_traverse},
+    {Py_tp_clear, Section_clear},
+    {Py_tp_methods, ReadSection_methods},
+    {Py_tp_getset, Section_getset},
+    {0, NULL},
+};
+
+static PyType_Slot DetachedSection_slots[] = {
+    {Py_tp_doc, "One thread's ``with domain.detached():``."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Section_init},
+    {Py_tp_dealloc, Section_dealloc},
+    {Py_tp_traverse, Section_traverse},
+    {Py_tp_clear, Section_clear},
+    {Py_tp_methods, DetachedSection_methods},
+    {Py_tp_getset, Section_getset},
+    {0, NULL},
+};
+
+static PyType_Spec ReadSection_spec = {
+    .name = "qsbr._kernel.ReadSection",
+    .basicsize = sizeof(Section),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = ReadSection_slots,
+};
+
+static PyType_Spec DetachedSection_spec = {
+    .name = "qsbr._kernel.DetachedSection",
+    .basicsize = sizeof(Section),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = DetachedSection_slots,
+};
+
+/* -- the rd_seq scan's loads ------------------------------------------------- */
+
+PyDoc_STRVAR(scan_slots_doc,
+"scan_slots(slots, start, end, lowest) -> (lowest, lowest_state, attached)\n\n"
+"One step of an rd_seq pass over slots[start:end]: the minimum of `lowest`\n"
+"and the seq of every attached state (None slots and detached states are\n"
+"left out), the state that holds it (None if `lowest` stood), and how many\n"
+"attached states the step saw. A seq_cst fence comes before the loads (I4).");
+
+static PyObject *
+scan_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "scan_slots() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *slots = args[0];
+    if (!PyList_Check(slots)) {
+        PyErr_Format(PyExc_TypeError, "slots must be a list, not %.100s", Py_TYPE(slots)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t end = PyLong_AsSsize_t(args[2]);
+    if (end == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int64_t lowest;
+    if (check_seq_value(args[3], &lowest) < 0) {
+        return NULL;
+    }
+    kernel_state *ks = get_kernel_state(module);
+    /* One copy of the step's slots (atomic with respect to the list's
+     * writers on every build), then loads from a list this thread owns. */
+    PyObject *copy = PyList_GetSlice(slots, start, end);
+    if (copy == NULL) {
+        return NULL;
+    }
+    /* I4, the scanner's side: the loads below come after this fence. */
+    atomic_thread_fence(memory_order_seq_cst);
+    PyObject *lowest_state = Py_None;
+    Py_ssize_t attached = 0;
+    Py_ssize_t n = PyList_GET_SIZE(copy);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(copy, i);
+        if (item == Py_None) {
+            continue;
+        }
+        if (!PyObject_TypeCheck(item, ks->ThreadCore_type)) {
+            PyErr_Format(PyExc_TypeError, "slot %zd holds a %.100s, not a thread state", start + i,
+                         Py_TYPE(item)->tp_name);
+            Py_DECREF(copy);
+            return NULL;
+        }
+        int64_t seq = load_seq((ThreadCore *)item);
+        if (seq != 0) {
+            attached++;
+            if (seq < lowest) {
+                lowest = seq;
+                lowest_state = item;
+            }
+        }
+    }
+    PyObject *result = Py_BuildValue("(LOn)", (long long)lowest, lowest_state, attached);
+    Py_DECREF(copy);
+    return result;
+}
+
+/* -- the module ---------------------------------------------------------------- */
+
+static PyMethodDef kernel_methods[] = {
+    {"scan_slots", (PyCFunction)(void (*)(void))scan_slots, METH_FASTCALL, scan_slots_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+add_type(PyObject *module, PyType_Spec *spec, PyObject *base, PyTypeObject **slot)
+{
+    PyTypeObject *type = (PyTypeObject *)PyType_FromModuleAndSpec(module, spec, base);
+    if (type == NULL) {
+        return -1;
+    }
+    *slot = type;  /* the module state's reference */
+    return PyModule_AddType(module, type);
+}
+
+static int
+kernel_exec(PyObject *module)
+{
+    kernel_state *ks = get_kernel_state(module);
+    if (add_type(module, &DomainCore_spec, NULL, &ks->DomainCore_type) < 0
+        || add_type(module, &ThreadCore_spec, NULL, &ks->ThreadCore_type) < 0
+        || add_type(module, &HandleCore_spec, NULL, &ks->HandleCore_type) < 0
+        || add_type(module, &ReadSection_spec, NULL, &ks->ReadSection_type) < 0
+        || add_type(module, &DetachedSection_spec, NULL, &ks->DetachedSection_type) < 0) {
+        return -1;
+    }
+    if (PyModule_AddIntConstant(module, "MAX_DEPTH", MAX_DEPTH) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static int
+kernel_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    kernel_state *ks = get_kernel_state(module);
+    Py_VISIT(ks->DomainCore_type);
+    Py_VISIT(ks->ThreadCore_type);
+    Py_VISIT(ks->HandleCore_type);
+    Py_VISIT(ks->ReadSection_type);
+    Py_VISIT(ks->DetachedSection_type);
+    return 0;
+}
+
+static int
+kernel_clear(PyObject *module)
+{
+    kernel_state *ks = get_kernel_state(module);
+    Py_CLEAR(ks->DomainCore_type);
+    Py_CLEAR(ks->ThreadCore_type);
+    Py_CLEAR(ks->HandleCore_type);
+    Py_CLEAR(ks->ReadSection_type);
+    Py_CLEAR(ks->DetachedSection_type);
+    return 0;
+}
+
+static void
+kernel_free(void *module)
+{
+    (void)kernel_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot kernel_module_slots[] = {
+    {Py_mod_exec, kernel_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_SUPPORTED},
+#endif
+#ifdef Py_GIL_DISABLED
+    /* No GIL assumed: every field shared between threads is atomic. */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef kernel_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "qsbr._kernel",
+    .m_doc = "The native kernel of qsbr: wr_seq, seqs, quiescent states and read sections.",
+    .m_size = sizeof(kernel_state),
+    .m_methods = kernel_methods,
+    .m_slots = kernel_module_slots,
+    .m_traverse = kernel_traverse,
+    .m_clear = kernel_clear,
+    .m_free = kernel_free,
+};
+
+PyMODINIT_FUNC
+PyInit__kernel(void)
+{
+    return PyModuleDef_Init(&kernel_module);
+}

@@ -1,0 +1,71 @@
+"""Which kernel this process runs on: the C twin or the pure-Python one.
+
+The kernel (wr_seq, the threads' seqs, quiescent(), attach/detach, the read
+sections and the scan's loads) comes in two twins of identical behaviour:
+``qsbr._kernel``, a C extension built at install time where a compiler was
+available, and ``qsbr._pykernel``, pure Python, the reference and the
+fallback. The choice is made once, at import:
+
+* ``QSBR_PURE_PYTHON=1`` (any value but "" and "0") forces the pure twin;
+* otherwise the C twin if it was built, else the pure one.
+
+``IMPLEMENTATION`` (``qsbr.implementation``) says which: "native" or "python".
+Nothing else in the package imports either twin directly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+__all__ = [
+    "IMPLEMENTATION",
+    "DomainCore",
+    "ThreadCore",
+    "HandleCore",
+    "ReadSection",
+    "DetachedSection",
+    "scan_slots",
+    "MAX_DEPTH",
+    "native_error",
+    "Sink",
+]
+
+
+def _pure_requested() -> bool:
+    return os.environ.get("QSBR_PURE_PYTHON", "") not in ("", "0")
+
+
+from ._pykernel import Sink  # where the pure twin's detached stores land (unused by the C twin)
+
+#: Why the C twin is not in use (None when it is).
+native_error: str | None = None
+
+if TYPE_CHECKING:
+    # Type checkers see the reference twin; the C twin has the same API.
+    from ._pykernel import MAX_DEPTH, DetachedSection, DomainCore, HandleCore, ReadSection, ThreadCore, scan_slots
+
+    IMPLEMENTATION: str
+elif _pure_requested():
+    from ._pykernel import MAX_DEPTH, DetachedSection, DomainCore, HandleCore, ReadSection, ThreadCore, scan_slots
+
+    IMPLEMENTATION = "python"
+    native_error = "QSBR_PURE_PYTHON is set"
+else:
+    try:
+        from ._kernel import MAX_DEPTH, DetachedSection, DomainCore, HandleCore, ReadSection, ThreadCore, scan_slots
+    except ImportError as exc:  # not built (no compiler at install time), or built for another Python
+        from ._pykernel import (
+            MAX_DEPTH,
+            DetachedSection,
+            DomainCore,
+            HandleCore,
+            ReadSection,
+            ThreadCore,
+            scan_slots,
+        )
+
+        IMPLEMENTATION = "python"
+        native_error = f"the C kernel is not available: {exc}"
+    else:
+        IMPLEMENTATION = "native"
