@@ -23,6 +23,11 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
+def _fallback(exc: Exception) -> None:
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    print(f"qsbr: C kernel not built ({reason}); installing the pure-Python kernel", file=sys.stderr)
+
+
 class OptionalBuildExt(build_ext):
     """build_ext that says, in one line, when it falls back to pure Python."""
 
@@ -32,7 +37,7 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:
             if _flag("QSBR_STRICT_BUILD"):
                 raise
-            print(f"qsbr: C kernel not built ({exc}); installing the pure-Python kernel", file=sys.stderr)
+            _fallback(exc)
 
     def build_extension(self, ext: Extension) -> None:
         try:
@@ -40,7 +45,7 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:
             if _flag("QSBR_STRICT_BUILD"):
                 raise
-            print(f"qsbr: C kernel not built ({exc}); installing the pure-Python kernel", file=sys.stderr)
+            _fallback(exc)
 
 
 def extensions() -> list[Extension]:

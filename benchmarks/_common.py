@@ -18,6 +18,44 @@ QUICK = os.environ.get("QSBR_BENCH_QUICK") == "1"
 RESULTS = Path(os.environ.get("QSBR_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 
 
+def kernels() -> dict[str, Any]:
+    """The qsbr package on each kernel available here, for one process to
+    time both side by side: {"native": qsbr, "python": a second copy of the
+    package loaded as ``qsbr_pure`` with QSBR_PURE_PYTHON=1}. "native" is
+    missing when the C kernel is not built (or QSBR_PURE_PYTHON is set)."""
+    import importlib.util
+
+    import qsbr
+
+    out: dict[str, Any] = {}
+    if qsbr.implementation == "native":
+        out["native"] = qsbr
+    else:
+        out["python"] = qsbr
+        return out
+    pure = sys.modules.get("qsbr_pure")
+    if pure is None:
+        init = Path(qsbr.__file__)
+        spec = importlib.util.spec_from_file_location(
+            "qsbr_pure", init, submodule_search_locations=[str(init.parent)]
+        )
+        assert spec is not None and spec.loader is not None
+        pure = importlib.util.module_from_spec(spec)
+        sys.modules["qsbr_pure"] = pure
+        saved = os.environ.get("QSBR_PURE_PYTHON")
+        os.environ["QSBR_PURE_PYTHON"] = "1"
+        try:
+            spec.loader.exec_module(pure)
+        finally:
+            if saved is None:
+                del os.environ["QSBR_PURE_PYTHON"]
+            else:
+                os.environ["QSBR_PURE_PYTHON"] = saved
+    assert pure.implementation == "python"
+    out["python"] = pure
+    return out
+
+
 def build_tag() -> str:
     ft = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()

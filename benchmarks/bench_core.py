@@ -1,9 +1,15 @@
 """Core costs, measured side by side in one run (docs/benchmarks.md).
 
-1. The readers' only cost: Domain.quiescent() against an empty method call.
-   Target: at most 2x. Also ThreadHandle.quiescent(), the per-thread form.
+Every case that depends on the kernel runs on both twins in this one process
+(the C kernel, and the pure-Python one loaded as a second copy of the
+package: _common.kernels()), interleaved with the baselines.
+
+1. Domain.quiescent() and ThreadHandle.quiescent() against an empty method
+   call (P1: <= 1.0x, P1h: <= 0.8x on the native kernel).
 2. retire() plus its eventual release, amortized per object, against
-   appending to a list and calling the release directly. Target: at most 5x.
+   appending to a list and calling the release directly (P3: <= 5x).
+4. What a server pays per request, `with domain.attached(): pass`, against
+   `with lock: pass` on an uncontended threading.Lock (P8: <= 1.0x).
 3. The pure-Python floor of both: FloorDomain below does the least that any
    pure-Python domain must do for these two operations, and less than a
    correct one does. Where the floor is over a target, no pure-Python
@@ -14,6 +20,7 @@ Run:  qsbr bench core   (or: make bench; PYTHON=... for another interpreter)
 
 from __future__ import annotations
 
+import statistics
 import sys
 import threading
 import time
@@ -23,8 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import qsbr  # noqa: E402
-from _common import QUICK, interleaved, machine, write_json  # noqa: E402
+from _common import QUICK, interleaved, kernels, machine, write_json  # noqa: E402
 
 
 class Plain:
@@ -138,38 +144,16 @@ def check_floor() -> None:
     print("floor: every release ran once; quiescent() stores wr_seq")
 
 
-def main() -> None:
-    d = qsbr.Domain()
-    d.register()
-    p = Plain()
-
-    def empty_call(n: int) -> float:
-        m = p.empty
-        del m
-        t = time.perf_counter()
-        for _ in range(n):
-            p.empty()
-        return time.perf_counter() - t
+def kernel_cases(q: Any, tag: str) -> tuple[dict[str, Callable[[int], float]], ...]:
+    """The cases that depend on the kernel, for package ``q`` (qsbr on one
+    kernel), named ``case[tag]``; and a cleanup callable as the last item."""
+    d = q.Domain()
+    handle = d.register()
 
     def quiescent(n: int) -> float:
         t = time.perf_counter()
         for _ in range(n):
             d.quiescent()
-        return time.perf_counter() - t
-
-    def empty_loop(n: int) -> float:
-        t = time.perf_counter()
-        for _ in range(n):
-            pass
-        return time.perf_counter() - t
-
-    handle = d.handle()
-    floor = FloorDomain()
-
-    def floor_quiescent(n: int) -> float:
-        t = time.perf_counter()
-        for _ in range(n):
-            floor.quiescent()
         return time.perf_counter() - t
 
     def handle_quiescent(n: int) -> float:
@@ -179,34 +163,11 @@ def main() -> None:
             h.quiescent()
         return time.perf_counter() - t
 
-    n = 200_000 if QUICK else 2_000_000
-    repeats = 3 if QUICK else 9
-    reader = interleaved(
-        {
-            "loop": empty_loop,
-            "empty_call": empty_call,
-            "quiescent": quiescent,
-            "handle_quiescent": handle_quiescent,
-            "floor_quiescent": floor_quiescent,
-        },
-        n,
-        repeats,
-    )
-
     # What a server pays per request: a read section on a thread that is
-    # detached between requests, beside an uncontended threading.Lock.
-    rs = qsbr.Domain()
+    # detached between requests (compared with an uncontended threading.Lock).
+    rs = q.Domain()
     rs_handle = rs.register()
     rs.detach()
-    lock = threading.Lock()
-
-    def lock_section(n: int) -> float:
-        lk = lock
-        t = time.perf_counter()
-        for _ in range(n):
-            with lk:
-                pass
-        return time.perf_counter() - t
 
     def read_section(n: int) -> float:
         attached = rs.attached
@@ -235,8 +196,6 @@ def main() -> None:
 
     # detached() as a context manager against the calls it wraps (the main
     # thread is registered and attached in `d`).
-    d_handle = d.handle()
-
     def detached_section(n: int) -> float:
         detached = d.detached
         t = time.perf_counter()
@@ -246,7 +205,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     def handle_detached_section(n: int) -> float:
-        detached = d_handle.detached
+        detached = handle.detached
         t = time.perf_counter()
         for _ in range(n):
             with detached():
@@ -262,12 +221,12 @@ def main() -> None:
         return time.perf_counter() - t
 
     # A Cell read, as fast as an attribute, and what debug mode adds.
-    plain_cell = qsbr.Cell(1, domain=d)
-    debug_domain = qsbr.Domain(debug=True)
+    plain_cell = q.Cell(1, domain=d)
+    debug_domain = q.Domain(debug=True)
     debug_domain.register()
-    debug_cell = qsbr.Cell(1, domain=debug_domain)
+    debug_cell = q.Cell(1, domain=debug_domain)
 
-    def cell_read(cell: qsbr.Cell[int]) -> Callable[[int], float]:
+    def cell_read(cell: Any) -> Callable[[int], float]:
         def case(n: int) -> float:
             c = cell
             t = time.perf_counter()
@@ -277,10 +236,8 @@ def main() -> None:
 
         return case
 
-    # A SharedArray read beside a list read under a Lock.
-    shared_array = qsbr.SharedArray("q", pool=qsbr.BufferPool(domain=d))
+    shared_array = q.SharedArray("q", pool=q.BufferPool(domain=d))
     shared_array.extend(range(1000))
-    locked_list = list(range(1000))
 
     def shared_array_read(n: int) -> float:
         a = shared_array
@@ -288,6 +245,123 @@ def main() -> None:
         for i in range(n):
             a[i & 511]  # noqa: B018 - the read is what we time
         return time.perf_counter() - t
+
+    def retire_case(domain: Any) -> Callable[[int], float]:
+        def case(n: int) -> float:
+            t = time.perf_counter()
+            retire = domain.retire
+            for o in OBJS[:n]:
+                retire(o, noop_release)
+            domain.barrier()
+            return time.perf_counter() - t
+
+        return case
+
+    bg = q.Domain(background=True)
+    bg.register()
+
+    def cleanup() -> None:
+        for dom in (d, rs, debug_domain, bg):
+            dom.unregister()
+            dom.close()
+
+    def tagged(cases: dict[str, Callable[[int], float]]) -> dict[str, Callable[[int], float]]:
+        return {f"{k}[{tag}]": v for k, v in cases.items()}
+
+    reader = tagged({"quiescent": quiescent, "handle_quiescent": handle_quiescent})
+    request = tagged(
+        {
+            "shared_array_read": shared_array_read,
+            "read_section": read_section,
+            "handle_read_section": handle_read_section,
+            "attach_quiescent_detach": attach_quiescent_detach,
+            "detached_section": detached_section,
+            "handle_detached_section": handle_detached_section,
+            "detach_attach": detach_attach,
+            "cell_value": cell_read(plain_cell),
+            "cell_value_debug": cell_read(debug_cell),
+        }
+    )
+    writer = tagged({"retire_and_release": retire_case(d), "retire_background_reclaimer": retire_case(bg)})
+    return reader, request, writer, {"cleanup": lambda n: (cleanup(), 0.0)[1]}
+
+
+OBJS = [object() for _ in range(100_000)]
+
+
+def per_thread_handle_quiescent(q: Any, threads: int, n: int) -> float:
+    """ns per handle.quiescent() in each of ``threads`` threads calling it at
+    once on one domain (P1s: on 3.13t, what a reader pays when others run)."""
+    d = q.Domain()
+    start = threading.Barrier(threads + 1, timeout=60)
+    took: list[float] = []
+
+    def body() -> None:
+        h = d.register()
+        quiesce = h.quiescent
+        start.wait()
+        t = time.perf_counter()
+        for _ in range(n):
+            quiesce()
+        took.append(time.perf_counter() - t)
+        d.unregister()
+
+    workers = [threading.Thread(target=body) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    start.wait()
+    for w in workers:
+        w.join(120)
+    d.close()
+    return sum(took) / len(took) / n * 1e9
+
+
+#: Issue 13's targets for the native kernel (ratio <= target).
+TARGETS = {
+    "P1 quiescent / empty method call": ("quiescent", "empty_call", 1.0),
+    "P1h handle.quiescent / empty method call": ("handle_quiescent", "empty_call", 0.8),
+    "P3 retire+release / append+call": ("retire_and_release", "append_and_release", 5.0),
+    "P8 with domain.attached() / with lock": ("read_section", "lock_acquire_release", 1.0),
+}
+
+
+def main() -> None:
+    twins = kernels()
+    p = Plain()
+
+    def empty_call(n: int) -> float:
+        m = p.empty
+        del m
+        t = time.perf_counter()
+        for _ in range(n):
+            p.empty()
+        return time.perf_counter() - t
+
+    def empty_loop(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            pass
+        return time.perf_counter() - t
+
+    floor = FloorDomain()
+
+    def floor_quiescent(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            floor.quiescent()
+        return time.perf_counter() - t
+
+    lock = threading.Lock()
+
+    def lock_section(n: int) -> float:
+        lk = lock
+        t = time.perf_counter()
+        for _ in range(n):
+            with lk:
+                pass
+        return time.perf_counter() - t
+
+    locked_list = list(range(1000))
 
     def list_under_lock_read(n: int) -> float:
         lk, lst = lock, locked_list
@@ -297,145 +371,148 @@ def main() -> None:
                 lst[i & 511]  # noqa: B018 - the read is what we time
         return time.perf_counter() - t
 
-    request = interleaved(
-        {
-            "shared_array_read": shared_array_read,
-            "list_under_lock_read": list_under_lock_read,
-            "lock_acquire_release": lock_section,
-            "read_section": read_section,
-            "handle_read_section": handle_read_section,
-            "attach_quiescent_detach": attach_quiescent_detach,
-            "detached_section": detached_section,
-            "handle_detached_section": handle_detached_section,
-            "detach_attach": detach_attach,
-            "cell_value": cell_read(plain_cell),
-            "cell_value_debug": cell_read(debug_cell),
-        },
-        n // 4,
-        repeats,
-    )
-    rs.unregister()
-    rs.close()
-    debug_domain.unregister()
-    debug_domain.close()
-
-    objs = [object() for _ in range(100_000)]
-
     def append_and_release(n: int) -> float:
         lst: list[object] = []
         t = time.perf_counter()
-        for o in objs[:n]:
+        for o in OBJS[:n]:
             lst.append(o)
             noop_release(o)
         return time.perf_counter() - t
 
-    def retire_case(domain: qsbr.Domain) -> Callable[[int], float]:
-        def case(n: int) -> float:
-            t = time.perf_counter()
-            retire = domain.retire
-            for o in objs[:n]:
-                retire(o, noop_release)
-            domain.barrier()
-            return time.perf_counter() - t
-
-        return case
-
     def floor_case(retire: Callable[[Any, Callable[[Any], Any]], int]) -> Callable[[int], float]:
         def case(n: int) -> float:
             t = time.perf_counter()
-            for o in objs[:n]:
+            for o in OBJS[:n]:
                 retire(o, noop_release)
             floor.flush()
             return time.perf_counter() - t
 
         return case
 
-    bg = qsbr.Domain(background=True)
-    bg.register()
-    retire_and_release = retire_case(d)
-    retire_background = retire_case(bg)
+    reader_cases: dict[str, Callable[[int], float]] = {
+        "loop": empty_loop,
+        "empty_call": empty_call,
+        "floor_quiescent": floor_quiescent,
+    }
+    request_cases: dict[str, Callable[[int], float]] = {
+        "list_under_lock_read": list_under_lock_read,
+        "lock_acquire_release": lock_section,
+    }
+    writer_cases: dict[str, Callable[[int], float]] = {
+        "append_and_release": append_and_release,
+        "floor_retire": floor_case(floor.retire),
+        "floor_retire_checked": floor_case(floor.retire_checked),
+    }
+    cleanups = []
+    for tag, q in twins.items():
+        r, rq, w, c = kernel_cases(q, tag)
+        reader_cases.update(r)
+        request_cases.update(rq)
+        writer_cases.update(w)
+        cleanups.append(c["cleanup"])
 
+    n = 200_000 if QUICK else 2_000_000
     m = 20_000 if QUICK else 100_000
-    writer = interleaved(
-        {
-            "append_and_release": append_and_release,
-            "retire_and_release": retire_and_release,
-            "retire_background_reclaimer": retire_background,
-            "floor_retire": floor_case(floor.retire),
-            "floor_retire_checked": floor_case(floor.retire_checked),
-        },
-        m,
-        repeats,
-    )
-    bg.unregister()
-    bg.close()
-    d.unregister()
-    d.close()
+    repeats = 3 if QUICK else 9
+    reader = interleaved(reader_cases, n, repeats)
+    request = interleaved(request_cases, n // 4, repeats)
+    writer = interleaved(writer_cases, m, repeats)
+    for c in cleanups:
+        c(0)
+
+    # P1s: per-thread cost with two threads at once, against one (median of
+    # `repeats` alternating runs per kernel).
+    scaling: dict[str, dict[str, float]] = {}
+    for tag, q in twins.items():
+        one, two = [], []
+        for _ in range(repeats):
+            one.append(per_thread_handle_quiescent(q, 1, n // 2))
+            two.append(per_thread_handle_quiescent(q, 2, n // 2))
+        scaling[tag] = {"one_thread_ns": statistics.median(one), "two_threads_ns": statistics.median(two)}
+        scaling[tag]["ratio"] = scaling[tag]["two_threads_ns"] / scaling[tag]["one_thread_ns"]
+
+    every = {**reader, **request, **writer}
+
+    def ratio(case: str, base: str) -> float:
+        return every[case]["median_ns"] / every[base]["median_ns"]
 
     # Ratios from the medians of the interleaved samples; loop overhead is
     # included on both sides of each ratio, as a caller's loop would be.
-    q_ratio = reader["quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
-    h_ratio = reader["handle_quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
-    r_ratio = writer["retire_and_release"]["median_ns"] / writer["append_and_release"]["median_ns"]
-    rb_ratio = writer["retire_background_reclaimer"]["median_ns"] / writer["append_and_release"]["median_ns"]
-    fq_ratio = reader["floor_quiescent"]["median_ns"] / reader["empty_call"]["median_ns"]
-    fr_ratio = writer["floor_retire"]["median_ns"] / writer["append_and_release"]["median_ns"]
-    frc_ratio = writer["floor_retire_checked"]["median_ns"] / writer["append_and_release"]["median_ns"]
-    lock_ns = request["lock_acquire_release"]["median_ns"]
-    section_ratio = request["read_section"]["median_ns"] / lock_ns
-    handle_section_ratio = request["handle_read_section"]["median_ns"] / lock_ns
-    triplet_ratio = request["attach_quiescent_detach"]["median_ns"] / lock_ns
-    detached_ratio = request["detached_section"]["median_ns"] / request["detach_attach"]["median_ns"]
-    handle_detached_ratio = (
-        request["handle_detached_section"]["median_ns"] / request["detach_attach"]["median_ns"]
-    )
-    debug_read_ratio = request["cell_value_debug"]["median_ns"] / request["cell_value"]["median_ns"]
-    array_ratio = request["shared_array_read"]["median_ns"] / request["list_under_lock_read"]["median_ns"]
+    per_kernel: dict[str, dict[str, float]] = {}
+    for tag in twins:
+        k = f"[{tag}]"
+        per_kernel[tag] = {
+            "quiescent_vs_empty_call": ratio("quiescent" + k, "empty_call"),
+            "handle_quiescent_vs_empty_call": ratio("handle_quiescent" + k, "empty_call"),
+            "retire_release_vs_append_call": ratio("retire_and_release" + k, "append_and_release"),
+            "retire_background_vs_append_call": ratio(
+                "retire_background_reclaimer" + k, "append_and_release"
+            ),
+            "read_section_vs_lock": ratio("read_section" + k, "lock_acquire_release"),
+            "handle_read_section_vs_lock": ratio("handle_read_section" + k, "lock_acquire_release"),
+            "attach_quiescent_detach_vs_lock": ratio("attach_quiescent_detach" + k, "lock_acquire_release"),
+            "detached_section_vs_detach_attach": ratio("detached_section" + k, "detach_attach" + k),
+            "handle_detached_section_vs_detach_attach": ratio(
+                "handle_detached_section" + k, "detach_attach" + k
+            ),
+            "debug_cell_read_vs_plain": ratio("cell_value_debug" + k, "cell_value" + k),
+            "shared_array_read_vs_locked_list": ratio("shared_array_read" + k, "list_under_lock_read"),
+        }
+    floor_ratios = {
+        "floor_quiescent_vs_empty_call": ratio("floor_quiescent", "empty_call"),
+        "floor_retire_vs_append_call": ratio("floor_retire", "append_and_release"),
+        "floor_retire_checked_vs_append_call": ratio("floor_retire_checked", "append_and_release"),
+    }
+    targets = {
+        name: {tag: ratio(f"{case}[{tag}]", base) for tag in twins} | {"target": limit}
+        for name, (case, base, limit) in TARGETS.items()
+    }
     results = {
         "reader": reader,
         "writer": writer,
         "request": request,
-        "ratios": {
-            "quiescent_vs_empty_call": q_ratio,
-            "handle_quiescent_vs_empty_call": h_ratio,
-            "retire_release_vs_append_call": r_ratio,
-            "retire_background_vs_append_call": rb_ratio,
-            "floor_quiescent_vs_empty_call": fq_ratio,
-            "floor_retire_vs_append_call": fr_ratio,
-            "floor_retire_checked_vs_append_call": frc_ratio,
-            "read_section_vs_lock": section_ratio,
-            "handle_read_section_vs_lock": handle_section_ratio,
-            "attach_quiescent_detach_vs_lock": triplet_ratio,
-            "detached_section_vs_detach_attach": detached_ratio,
-            "handle_detached_section_vs_detach_attach": handle_detached_ratio,
-            "debug_cell_read_vs_plain": debug_read_ratio,
-            "shared_array_read_vs_locked_list": array_ratio,
-        },
-        "targets": {"quiescent_vs_empty_call": 2.0, "retire_release_vs_append_call": 5.0},
+        "kernels": list(twins),
+        "ratios": per_kernel,
+        "floor": floor_ratios,
+        "targets": targets,
+        "handle_quiescent_two_threads_vs_one": scaling,
         "n": {"reader": n, "writer": m, "repeats": repeats},
     }
     path = write_json("core", results)
     mach = machine()
     print(f"python {mach['python']} ({mach['build']}), {mach['cpus']} cpus, {mach['platform']}")
-    for group in (reader, writer, request):
+    for group in (reader, request, writer):
         for name, r in group.items():
-            print(f"  {name:<30} median {r['median_ns']:8.1f} ns/op   min {r['min_ns']:8.1f}")
-    print(f"  quiescent / empty method call      {q_ratio:5.2f}x   (target <= 2x)")
-    print(f"  ThreadHandle.quiescent / empty     {h_ratio:5.2f}x")
-    print(f"  retire+release / append+call       {r_ratio:5.2f}x   (target <= 5x)")
-    print(f"  same, background reclaimer         {rb_ratio:5.2f}x")
+            print(f"  {name:<36} median {r['median_ns']:8.1f} ns/op   min {r['min_ns']:8.1f}")
+    tags = list(twins)
+    print(f"  {'ratio (medians)':<52}" + "".join(f"{t:>9}" for t in tags) + "   target")
+    for name, row in targets.items():
+        print(f"  {name:<52}" + "".join(f"{row[t]:8.2f}x" for t in tags) + f"   <= {row['target']}x")
+    labels = {
+        "retire_background_vs_append_call": "retire+release, background reclaimer / append+call",
+        "handle_read_section_vs_lock": "with handle.attached() / with lock",
+        "attach_quiescent_detach_vs_lock": "attach(); quiescent(); detach() / with lock",
+        "detached_section_vs_detach_attach": "with domain.detached() / detach(); attach()",
+        "handle_detached_section_vs_detach_attach": "with handle.detached() / detach(); attach()",
+        "debug_cell_read_vs_plain": "debug mode: Cell.value / plain",
+        "shared_array_read_vs_locked_list": "SharedArray a[i] / list[i] in a lock",
+    }
+    for key, label in labels.items():
+        print(f"  {label:<52}" + "".join(f"{per_kernel[t][key]:8.2f}x" for t in tags))
+    print(
+        f"  {'P1s handle.quiescent per thread, 2 threads / 1':<52}"
+        + "".join(f"{scaling[t]['ratio']:8.2f}x" for t in tags)
+        + "   <= 1.3x (3.13t)"
+    )
+    for t in tags:
+        print(
+            f"    {t}: {scaling[t]['one_thread_ns']:.1f} ns alone, "
+            f"{scaling[t]['two_threads_ns']:.1f} ns each with two threads"
+        )
     print("  the pure-Python floor (FloorDomain: no goals, no scan, no lock):")
-    print(f"    quiescent / empty method call    {fq_ratio:5.2f}x")
-    print(f"    retire+release / append+call     {fr_ratio:5.2f}x")
-    print(f"    the same + TypeError check, size {frc_ratio:5.2f}x")
-    print("  per request, against `with lock: pass` on an uncontended threading.Lock:")
-    print(f"    with domain.attached(): pass     {section_ratio:5.2f}x")
-    print(f"    with handle.attached(): pass     {handle_section_ratio:5.2f}x")
-    print(f"    attach(); quiescent(); detach()  {triplet_ratio:5.2f}x")
-    print(f"  with domain.detached(): pass / detach(); attach()  {detached_ratio:5.2f}x")
-    print(f"  with handle.detached(): pass / detach(); attach()  {handle_detached_ratio:5.2f}x")
-    print(f"  debug mode: Cell.value / plain     {debug_read_ratio:5.2f}x")
-    print(f"  SharedArray a[i] / list[i] in lock {array_ratio:5.2f}x")
+    print(f"    quiescent / empty method call    {floor_ratios['floor_quiescent_vs_empty_call']:5.2f}x")
+    print(f"    retire+release / append+call     {floor_ratios['floor_retire_vs_append_call']:5.2f}x")
+    print(f"    the same + TypeError check, size {floor_ratios['floor_retire_checked_vs_append_call']:5.2f}x")
     print(f"  wrote {path}")
 
 

@@ -129,9 +129,7 @@ def test_scan_slots_agrees_on_both_twins(twin: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("kind", ["attached", "detached"])
-def test_sections_nest_at_most_max_depth_and_an_unmatched_exit_raises(
-    domain: qsbr.Domain, kind: str
-) -> None:
+def test_sections_nest_at_most_max_depth_and_an_unmatched_exit_raises(domain: qsbr.Domain, kind: str) -> None:
     """The same limits and errors on both twins (this runs on each)."""
     domain.register()
     section = getattr(domain, kind)()

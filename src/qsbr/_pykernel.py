@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotRegisteredError, unregistered_handle_error
+from .errors import unregistered_handle_error
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -86,6 +86,9 @@ class DomainCore:
 
     __slots__ = ("_wr_seq", "_tls")
 
+    _wr_seq: int
+    _tls: threading.local
+
     def __init__(self) -> None:
         self._wr_seq = 1
 
@@ -133,6 +136,9 @@ class ThreadCore:
 
     __slots__ = ("seq", "read_section", "detached_section")
 
+    seq: int
+    read_section: ReadSection
+    detached_section: DetachedSection
     tls: threading.local
     handle: HandleCore
     sink: Sink
@@ -188,11 +194,11 @@ class HandleCore:
 
     def attached(self) -> ReadSection:
         """``with handle.attached():`` a read section."""
-        return self._registered_state().read_section  # type: ignore[no-any-return]
+        return self._registered_state().read_section
 
     def detached(self) -> DetachedSection:
         """``with handle.detached():`` around a blocking call."""
-        return self._registered_state().detached_section  # type: ignore[no-any-return]
+        return self._registered_state().detached_section
 
     def attach(self) -> None:
         """Rejoin after detach(): seq = wr_seq, before any shared read."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from ._pykernel import Sink  # where the pure twin's detached stores land (unused by the C twin)
+
 __all__ = [
     "IMPLEMENTATION",
     "DomainCore",
@@ -36,24 +38,46 @@ def _pure_requested() -> bool:
     return os.environ.get("QSBR_PURE_PYTHON", "") not in ("", "0")
 
 
-from ._pykernel import Sink  # where the pure twin's detached stores land (unused by the C twin)
-
 #: Why the C twin is not in use (None when it is).
 native_error: str | None = None
 
 if TYPE_CHECKING:
     # Type checkers see the reference twin; the C twin has the same API.
-    from ._pykernel import MAX_DEPTH, DetachedSection, DomainCore, HandleCore, ReadSection, ThreadCore, scan_slots
+    from ._pykernel import (
+        MAX_DEPTH,
+        DetachedSection,
+        DomainCore,
+        HandleCore,
+        ReadSection,
+        ThreadCore,
+        scan_slots,
+    )
 
     IMPLEMENTATION: str
 elif _pure_requested():
-    from ._pykernel import MAX_DEPTH, DetachedSection, DomainCore, HandleCore, ReadSection, ThreadCore, scan_slots
+    from ._pykernel import (
+        MAX_DEPTH,
+        DetachedSection,
+        DomainCore,
+        HandleCore,
+        ReadSection,
+        ThreadCore,
+        scan_slots,
+    )
 
     IMPLEMENTATION = "python"
     native_error = "QSBR_PURE_PYTHON is set"
 else:
     try:
-        from ._kernel import MAX_DEPTH, DetachedSection, DomainCore, HandleCore, ReadSection, ThreadCore, scan_slots
+        from ._kernel import (
+            MAX_DEPTH,
+            DetachedSection,
+            DomainCore,
+            HandleCore,
+            ReadSection,
+            ThreadCore,
+            scan_slots,
+        )
     except ImportError as exc:  # not built (no compiler at install time), or built for another Python
         from ._pykernel import (
             MAX_DEPTH,

@@ -57,6 +57,9 @@ class ThreadHandle(HandleCore):
 
     __slots__ = ("__weakref__",)
 
+    _domain: Domain
+    _state: ThreadState
+
     @property
     def domain(self) -> Domain:
         return self._domain
@@ -130,6 +133,8 @@ class ThreadState(ThreadCore):
         "sink",
         "__weakref__",
     )
+
+    handle: ThreadHandle
 
     def __init__(
         self, domain: Domain, tls: threading.local, seq: int, handle_class: type[ThreadHandle] = ThreadHandle
