@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qsbr  # noqa: E402
-from _common import QUICK, RESULTS, build_tag, interleaved, machine, write_json  # noqa: E402
+from _common import QUICK, RESULTS, build_tag, interleaved, kernels, machine, write_json  # noqa: E402
 
 try:
     from readerwriterlock import rwlock
@@ -164,6 +164,18 @@ def read_costs(n: int, repeats: int) -> dict[str, dict[str, float]]:
 # -- 2. hot swap -----------------------------------------------------------------
 
 
+#: CPU time one close() burns, in ns (P5b sets 200 µs: closing a big mmap or a
+#: connection), and how many closes ran on which kind of thread.
+CLOSE_COST_NS = 0
+CLOSES: dict[str, int] = {}
+
+
+def _burn(ns: int) -> None:
+    end = time.perf_counter_ns() + ns
+    while time.perf_counter_ns() < end:
+        pass
+
+
 class Handle:
     """What close() frees; a finalizer may hold it (not the resource)."""
 
@@ -174,6 +186,10 @@ class Handle:
 
     def close(self) -> None:
         self.open = False
+        if CLOSE_COST_NS:
+            role = threading.current_thread().name.split("-")[0]
+            CLOSES[role] = CLOSES.get(role, 0) + 1
+            _burn(CLOSE_COST_NS)
 
 
 class Resource:
@@ -192,7 +208,7 @@ class Resource:
         self.handle.close()
 
 
-LOOKUPS = 16  # per request
+LOOKUPS = 16  # per request (P5a's thin request sets 1)
 
 
 class Scheme:
@@ -232,13 +248,14 @@ class QsbrScheme(Scheme):
     domain.quiescent(). The variants below differ only in request(): each
     scheme's request does its own work and nothing else, so no variant
     pays for another's choices (on 3.13t every extra load of a shared
-    attribute costs a contended reference count)."""
+    attribute costs a contended reference count). ``q`` is the qsbr
+    package on one kernel (_common.kernels())."""
 
     name = "qsbr"
 
-    def __init__(self) -> None:
-        self.domain = qsbr.Domain(stall_timeout=None)
-        self.cell = qsbr.Cell(Resource(0), Resource.close, domain=self.domain)
+    def __init__(self, q: Any = qsbr) -> None:
+        self.domain = q.Domain(stall_timeout=None)
+        self.cell = q.Cell(Resource(0), Resource.close, domain=self.domain)
 
     def reader_setup(self) -> Any:
         return self.domain.register()  # this reader's ThreadHandle
@@ -346,13 +363,17 @@ class RefcountScheme(Scheme):
         self.ref.set(new)
 
 
-def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]:
+def run_hot_swap(scheme: Scheme, readers: int, seconds: float, time_every: int = 8) -> dict[str, Any]:
+    """Readers serve requests while a writer swaps the resource every ms.
+    One request in ``time_every`` (a power of two) is timed."""
     stop = threading.Event()
     counts = [0] * readers
     lat: list[list[int]] = [[] for _ in range(readers)]
     violations: list[str] = []
     swaps = [0]
     start_gate = threading.Barrier(readers + 1)
+    mask = time_every - 1
+    CLOSES.clear()
 
     def reader(k: int) -> None:
         ctx = scheme.reader_setup()
@@ -362,7 +383,7 @@ def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]
         clock = time.perf_counter_ns
         try:
             while not stop.is_set():
-                if n & 7 == 0:  # time one request in 8
+                if n & mask == 0:  # time one request in time_every
                     t0 = clock()
                     scheme.request(n, ctx)
                     mine.append(clock() - t0)
@@ -385,8 +406,8 @@ def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]
             time.sleep(0.001)
         scheme.writer_teardown()
 
-    threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
-    threads.append(threading.Thread(target=writer))
+    threads = [threading.Thread(target=reader, args=(k,), name=f"reader-{k}") for k in range(readers)]
+    threads.append(threading.Thread(target=writer, name="writer"))
     for t in threads:
         t.start()
     t0 = time.perf_counter()
@@ -406,18 +427,17 @@ def run_hot_swap(scheme: Scheme, readers: int, seconds: float) -> dict[str, Any]
         "requests_per_s": sum(counts) / elapsed,
         "p50_ns": pct(0.50),
         "p99_ns": pct(0.99),
+        "p999_ns": pct(0.999),
         "swaps": swaps[0],
         "violations": len(violations),
+        "closes_on_readers": CLOSES.get("reader", 0),
+        "closes": sum(CLOSES.values()),
     }
 
 
-def hot_swap(reader_counts: list[int], seconds: float, rounds: int) -> dict[str, list[dict[str, Any]]]:
-    makers: dict[str, Callable[[], Scheme]] = {
-        "qsbr": QsbrScheme,
-        "qsbr_handle": QsbrHandleScheme,
-        "qsbr_quiescent_every_16": QsbrEvery16Scheme,
-        "lock": LockScheme,
-    }
+def peer_makers() -> dict[str, Callable[[], Scheme]]:
+    """Every scheme that is not qsbr's, that is installed here."""
+    makers: dict[str, Callable[[], Scheme]] = {"lock": LockScheme}
     if rwlock is not None:
         makers["rwlock"] = RWLockScheme
     if AtomicReference is not None:
@@ -426,25 +446,74 @@ def hot_swap(reader_counts: list[int], seconds: float, rounds: int) -> dict[str,
         )
     if cereggii is not None:
         makers["cereggii_atomicref"] = lambda: RefcountScheme("cereggii_atomicref", cereggii.AtomicRef)
+    return makers
+
+
+def qsbr_makers(schemes: tuple[type[QsbrScheme], ...]) -> dict[str, Callable[[], Scheme]]:
+    """qsbr's schemes on every kernel available: "qsbr" etc. on the one in
+    use, "qsbr...[python]" on the pure one beside the native one."""
+    twins = kernels()
+    makers: dict[str, Callable[[], Scheme]] = {}
+    for tag, q in twins.items():
+        suffix = "" if q is qsbr else f"[{tag}]"
+        for cls in schemes:
+            makers[cls.name + suffix] = lambda cls=cls, q=q: cls(q)
+    return makers
+
+
+ALL_QSBR = (QsbrScheme, QsbrHandleScheme, QsbrEvery16Scheme)
+
+
+def hot_swap(
+    reader_counts: list[int],
+    seconds: float,
+    rounds: int,
+    makers: dict[str, Callable[[], Scheme]] | None = None,
+    time_every: int = 8,
+) -> dict[str, list[dict[str, Any]]]:
+    if makers is None:
+        makers = {**qsbr_makers(ALL_QSBR), **peer_makers()}
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in makers}
     for readers in reader_counts:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in makers}
         for _ in range(rounds):  # interleaved: noise hits every scheme alike
             for name, make in makers.items():
-                runs[name].append(run_hot_swap(make(), readers, seconds))
+                runs[name].append(run_hot_swap(make(), readers, seconds, time_every))
         for name, rs in runs.items():
             out[name].append(
                 {
                     "readers": readers,
                     "requests_per_s": statistics.median(r["requests_per_s"] for r in rs),
+                    "best_requests_per_s": max(r["requests_per_s"] for r in rs),
                     "p50_ns": statistics.median(r["p50_ns"] for r in rs),
                     "p99_ns": statistics.median(r["p99_ns"] for r in rs),
+                    "p999_ns": statistics.median(r["p999_ns"] for r in rs),
                     "swaps": sum(r["swaps"] for r in rs),
                     "violations": sum(r["violations"] for r in rs),
+                    "closes_on_readers": sum(r["closes_on_readers"] for r in rs),
+                    "closes": sum(r["closes"] for r in rs),
                     "rounds": len(rs),
                 }
             )
     return out
+
+
+def thin_and_costly(counts: list[int], seconds: float, rounds: int) -> dict[str, Any]:
+    """P5a: the hot swap with a thin request (one lookup), best of
+    ``rounds``; P5b: with a close() that burns 200 µs of CPU, every request
+    timed (p99.9), and where the closes ran."""
+    global LOOKUPS, CLOSE_COST_NS
+    saved = LOOKUPS, CLOSE_COST_NS
+    try:
+        LOOKUPS, CLOSE_COST_NS = 1, 0
+        thin = hot_swap(counts, seconds, rounds, {**qsbr_makers(ALL_QSBR), **peer_makers()})
+        LOOKUPS, CLOSE_COST_NS = 16, 200_000
+        costly = hot_swap(
+            counts, seconds, rounds, {**qsbr_makers((QsbrHandleScheme,)), **peer_makers()}, time_every=1
+        )
+    finally:
+        LOOKUPS, CLOSE_COST_NS = saved
+    return {"thin": thin, "costly_close": costly}
 
 
 # -- 3 and 4: retire, BufferPool -----------------------------------------------------
@@ -577,6 +646,44 @@ def main() -> None:
             f"qsbr p99 <= every peer: {met_p99[-1]}"
         )
 
+    extra = thin_and_costly(counts, 0.3 if QUICK else 1.0, 1 if QUICK else 3)
+    thin, costly = extra["thin"], extra["costly_close"]
+    print("  P5a thin request (one lookup): reader throughput, best of the rounds")
+    for name, rows in thin.items():
+        best = "".join(f" {r['best_requests_per_s']:>12,.0f}" for r in rows)
+        print(f"  thin  {name:32}{best}  req/s")
+    refcount_peers = [n for n in thin if n.endswith(("atomicreference", "atomicref"))]
+    p5a: dict[str, Any] = {}
+    for i, readers in enumerate(counts):
+        if not refcount_peers:
+            break
+        best_peer = max(thin[n][i]["best_requests_per_s"] for n in refcount_peers)
+        handle = thin["qsbr_handle"][i]["best_requests_per_s"] / best_peer
+        every16 = thin["qsbr_quiescent_every_16"][i]["best_requests_per_s"] / best_peer
+        p5a[str(readers)] = {"handle_vs_best_peer": handle, "every16_vs_best_peer": every16}
+        print(
+            f"  readers {readers}: handle.quiescent() per request / best refcount peer {handle:5.3f} "
+            f"(target >= 0.95); every 16th / best peer {every16:5.3f} (target >= 1)"
+        )
+    print("  P5b close() burns 200 µs: reader p99.9, closes run on reader threads")
+    for name, rows in costly.items():
+        print(
+            f"  close {name:32}"
+            + "".join(
+                f"  r{r['readers']}: p99.9 {r['p999_ns'] / 1000:8.1f} µs, "
+                f"{r['closes_on_readers']}/{r['closes']}"
+                for r in rows
+            )
+        )
+    p5b: dict[str, Any] = {}
+    for i, readers in enumerate(counts):
+        q = costly["qsbr_handle"][i]
+        row = {"qsbr_closes_on_readers": q["closes_on_readers"]}
+        for n in refcount_peers:
+            row[f"p999_vs_{n}"] = q["p999_ns"] / costly[n][i]["p999_ns"] if costly[n][i]["p999_ns"] else None
+        p5b[str(readers)] = row
+        print(f"  readers {readers}: {row}")
+
     costs = retire_and_pool(20_000 if QUICK else 100_000, repeats)
     for name, r in costs.items():
         print(f"  cost  {name:32} median {r['median_ns']:7.1f} ns")
@@ -590,6 +697,10 @@ def main() -> None:
         "skipped_peers": [p for p, missing in MISSING.items() if missing],
         "read_cost": reads,
         "hot_swap": swap,
+        "hot_swap_thin": thin,
+        "hot_swap_costly_close": costly,
+        "p5a": p5a,
+        "p5b": p5b,
         "costs": costs,
         "ratios": {
             "cell_value_vs_plain_attribute": cell / plain,

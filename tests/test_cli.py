@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import qsbr
 from qsbr.cli import main
 from qsbr.demo import run_demo
 
@@ -68,8 +69,15 @@ def test_bench_quick_writes_results(tmp_path: Path) -> None:
     result_files = sorted(tmp_path.glob("core-*.json"))
     assert result_files
     data = json.loads(result_files[-1].read_text())
-    assert data["ratios"]["quiescent_vs_empty_call"] > 0
-    assert data["ratios"]["floor_retire_checked_vs_append_call"] > 0
+    # Every kernel here is timed in the one run: the one in use, and the pure
+    # one beside a native one.
+    kernels = ["native", "python"] if qsbr.implementation == "native" else ["python"]
+    assert data["kernels"] == kernels
+    for k in kernels:
+        assert data["ratios"][k]["quiescent_vs_empty_call"] > 0
+        assert data["targets"]["P1 quiescent / empty method call"][k] > 0
+        assert data["handle_quiescent_two_threads_vs_one"][k]["ratio"] > 0
+    assert data["floor"]["floor_retire_checked_vs_append_call"] > 0
 
 
 def test_bench_floor_runs_every_release_once() -> None:
