@@ -13,8 +13,10 @@
  *                    base of qsbr.Domain: quiescent(), attached(), detached()
  *   ThreadCore       one registered thread's seq (atomic int64) and whether
  *                    it is registered; the base of ThreadState
- *   HandleCore       a thread's own handle (domain, state); the base of
- *                    ThreadHandle: quiescent(), attach(), detach(), ...
+ *   ThreadHandle     a thread's own handle (domain, state): quiescent(),
+ *                    attach(), detach(), ...; qsbr.ThreadHandle itself, not
+ *                    subclassed on the hot path (CPython's call of a C
+ *                    method specializes only for the method's exact type)
  *   ReadSection      `with domain.attached():` (levels as bits of a uint64)
  *   DetachedSection  `with domain.detached():`
  * and scan_slots(), the loads of one step of the rd_seq scan.
@@ -60,9 +62,10 @@
 typedef struct {
     PyTypeObject *DomainCore_type;
     PyTypeObject *ThreadCore_type;
-    PyTypeObject *HandleCore_type;
+    PyTypeObject *ThreadHandle_type;
     PyTypeObject *ReadSection_type;
     PyTypeObject *DetachedSection_type;
+    PyObject *unregistered_handle_error;  /* qsbr.errors.unregistered_handle_error */
 } kernel_state;
 
 static struct PyModuleDef kernel_module;
@@ -94,7 +97,8 @@ typedef struct {
     PyObject_HEAD
     DomainCore *domain;
     ThreadCore *state;
-} HandleCore;
+    PyObject *weakreflist;
+} ThreadHandle;
 
 /* A read or detached section: per nesting level, whether the thread was
  * attached when the level began, as bits of `levels` below a leading 1. */
@@ -541,7 +545,7 @@ static PyType_Spec ThreadCore_spec = {
     .slots = ThreadCore_slots,
 };
 
-/* -- HandleCore ------------------------------------------------------------- */
+/* -- ThreadHandle ------------------------------------------------------------- */
 
 static int
 check_instance(PyObject *obj, PyTypeObject *type, const char *what)
@@ -555,7 +559,7 @@ check_instance(PyObject *obj, PyTypeObject *type, const char *what)
 }
 
 static int
-HandleCore_init(HandleCore *self, PyObject *args, PyObject *kwds)
+ThreadHandle_init(ThreadHandle *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"domain", "state", NULL};
     PyObject *domain, *state;
@@ -581,7 +585,7 @@ HandleCore_init(HandleCore *self, PyObject *args, PyObject *kwds)
 }
 
 static int
-HandleCore_traverse(HandleCore *self, visitproc visit, void *arg)
+ThreadHandle_traverse(ThreadHandle *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->domain);
@@ -590,7 +594,7 @@ HandleCore_traverse(HandleCore *self, visitproc visit, void *arg)
 }
 
 static int
-HandleCore_clear(HandleCore *self)
+ThreadHandle_clear(ThreadHandle *self)
 {
     Py_CLEAR(self->domain);
     Py_CLEAR(self->state);
@@ -598,11 +602,14 @@ HandleCore_clear(HandleCore *self)
 }
 
 static void
-HandleCore_dealloc(HandleCore *self)
+ThreadHandle_dealloc(ThreadHandle *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    (void)HandleCore_clear(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    (void)ThreadHandle_clear(self);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -610,7 +617,7 @@ HandleCore_dealloc(HandleCore *self)
 /* The handle's state if its thread is registered; else NULL with the
  * handle's NotRegisteredError (its Python method words it). */
 static ThreadCore *
-handle_state(HandleCore *self)
+handle_state(ThreadHandle *self)
 {
     ThreadCore *st = self->state;
     if (st == NULL || self->domain == NULL) {
@@ -618,10 +625,15 @@ handle_state(HandleCore *self)
         return NULL;
     }
     if (!is_registered(st)) {
-        PyObject *r = PyObject_CallMethod((PyObject *)self, "_unregistered", NULL);
-        Py_XDECREF(r);
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_RuntimeError, "this ThreadHandle's thread is no longer registered");
+        /* The Python twin's error, made by the same function (errors.py). */
+        PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &kernel_module);
+        if (module == NULL) {
+            return NULL;
+        }
+        PyObject *exc = PyObject_CallNoArgs(get_kernel_state(module)->unregistered_handle_error);
+        if (exc != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
         }
         return NULL;
     }
@@ -629,7 +641,7 @@ handle_state(HandleCore *self)
 }
 
 static PyObject *
-HandleCore_quiescent(HandleCore *self, PyObject *Py_UNUSED(ignored))
+ThreadHandle_quiescent(ThreadHandle *self, PyObject *Py_UNUSED(ignored))
 {
     ThreadCore *st = handle_state(self);
     if (st == NULL) {
@@ -642,7 +654,7 @@ HandleCore_quiescent(HandleCore *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-HandleCore_attach(HandleCore *self, PyObject *Py_UNUSED(ignored))
+ThreadHandle_attach(ThreadHandle *self, PyObject *Py_UNUSED(ignored))
 {
     ThreadCore *st = handle_state(self);
     if (st == NULL) {
@@ -653,7 +665,7 @@ HandleCore_attach(HandleCore *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-HandleCore_detach(HandleCore *self, PyObject *Py_UNUSED(ignored))
+ThreadHandle_detach(ThreadHandle *self, PyObject *Py_UNUSED(ignored))
 {
     ThreadCore *st = handle_state(self);
     if (st == NULL) {
@@ -664,61 +676,94 @@ HandleCore_detach(HandleCore *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-HandleCore_attached(HandleCore *self, PyObject *Py_UNUSED(ignored))
+ThreadHandle_attached(ThreadHandle *self, PyObject *Py_UNUSED(ignored))
 {
     ThreadCore *st = handle_state(self);
     return st == NULL ? NULL : Py_NewRef(st->read_section);
 }
 
 static PyObject *
-HandleCore_detached(HandleCore *self, PyObject *Py_UNUSED(ignored))
+ThreadHandle_detached(ThreadHandle *self, PyObject *Py_UNUSED(ignored))
 {
     ThreadCore *st = handle_state(self);
     return st == NULL ? NULL : Py_NewRef(st->detached_section);
 }
 
-static PyMethodDef HandleCore_methods[] = {
-    {"quiescent", (PyCFunction)HandleCore_quiescent, METH_NOARGS,
+static PyMethodDef ThreadHandle_methods[] = {
+    {"quiescent", (PyCFunction)ThreadHandle_quiescent, METH_NOARGS,
      "quiescent($self, /)\n--\n\n"
      "Report a quiescent state for this thread. Takes no lock."},
-    {"attach", (PyCFunction)HandleCore_attach, METH_NOARGS,
+    {"attach", (PyCFunction)ThreadHandle_attach, METH_NOARGS,
      "attach($self, /)\n--\n\n"
      "Rejoin after detach(): seq = wr_seq, before any shared read."},
-    {"detach", (PyCFunction)HandleCore_detach, METH_NOARGS,
+    {"detach", (PyCFunction)ThreadHandle_detach, METH_NOARGS,
      "detach($self, /)\n--\n\n"
      "Leave rd_seq while blocking; hold no shared reference until attach()."},
-    {"attached", (PyCFunction)HandleCore_attached, METH_NOARGS,
+    {"attached", (PyCFunction)ThreadHandle_attached, METH_NOARGS,
      "attached($self, /)\n--\n\n"
      "``with handle.attached():`` a read section."},
-    {"detached", (PyCFunction)HandleCore_detached, METH_NOARGS,
+    {"detached", (PyCFunction)ThreadHandle_detached, METH_NOARGS,
      "detached($self, /)\n--\n\n"
      "``with handle.detached():`` around a blocking call."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyMemberDef HandleCore_members[] = {
-    {"_domain", T_OBJECT, offsetof(HandleCore, domain), READONLY, NULL},
-    {"_state", T_OBJECT, offsetof(HandleCore, state), READONLY, NULL},
+static PyObject *
+ThreadHandle_repr(ThreadHandle *self)
+{
+    ThreadCore *st = self->state;
+    if (st == NULL) {
+        return PyUnicode_FromString("<qsbr.ThreadHandle (not initialised)>");
+    }
+    if (!is_registered(st)) {
+        return PyUnicode_FromString("<qsbr.ThreadHandle unregistered>");
+    }
+    return PyUnicode_FromFormat("<qsbr.ThreadHandle seq=%lld>", (long long)load_seq(st));
+}
+
+static PyObject *
+ThreadHandle_get_domain(ThreadHandle *self, void *Py_UNUSED(closure))
+{
+    if (self->domain == NULL) {
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(self->domain);
+}
+
+static PyGetSetDef ThreadHandle_getset[] = {
+    {"domain", (getter)ThreadHandle_get_domain, NULL, "The domain this handle reports to.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef ThreadHandle_members[] = {
+    {"_domain", T_OBJECT, offsetof(ThreadHandle, domain), READONLY, NULL},
+    {"_state", T_OBJECT, offsetof(ThreadHandle, state), READONLY, NULL},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(ThreadHandle, weakreflist), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyType_Slot HandleCore_slots[] = {
-    {Py_tp_doc, "The kernel part of a ThreadHandle."},
+static PyType_Slot ThreadHandle_slots[] = {
+    {Py_tp_doc,
+     "The calling thread's own handle on a domain, for hot read loops (see\n"
+     "qsbr/thread_state.py and docs/api.md). It belongs to the thread that\n"
+     "registered: never pass it to another thread."},
+    {Py_tp_repr, ThreadHandle_repr},
+    {Py_tp_getset, ThreadHandle_getset},
     {Py_tp_new, PyType_GenericNew},
-    {Py_tp_init, HandleCore_init},
-    {Py_tp_dealloc, HandleCore_dealloc},
-    {Py_tp_traverse, HandleCore_traverse},
-    {Py_tp_clear, HandleCore_clear},
-    {Py_tp_methods, HandleCore_methods},
-    {Py_tp_members, HandleCore_members},
+    {Py_tp_init, ThreadHandle_init},
+    {Py_tp_dealloc, ThreadHandle_dealloc},
+    {Py_tp_traverse, ThreadHandle_traverse},
+    {Py_tp_clear, ThreadHandle_clear},
+    {Py_tp_methods, ThreadHandle_methods},
+    {Py_tp_members, ThreadHandle_members},
     {0, NULL},
 };
 
-static PyType_Spec HandleCore_spec = {
-    .name = "qsbr._kernel.HandleCore",
-    .basicsize = sizeof(HandleCore),
+static PyType_Spec ThreadHandle_spec = {
+    .name = "qsbr.ThreadHandle",
+    .basicsize = sizeof(ThreadHandle),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .slots = HandleCore_slots,
+    .slots = ThreadHandle_slots,
 };
 
 /* -- ReadSection and DetachedSection ----------------------------------------- */
@@ -1036,7 +1081,7 @@ kernel_exec(PyObject *module)
     kernel_state *ks = get_kernel_state(module);
     if (add_type(module, &DomainCore_spec, NULL, &ks->DomainCore_type) < 0
         || add_type(module, &ThreadCore_spec, NULL, &ks->ThreadCore_type) < 0
-        || add_type(module, &HandleCore_spec, NULL, &ks->HandleCore_type) < 0
+        || add_type(module, &ThreadHandle_spec, NULL, &ks->ThreadHandle_type) < 0
         || add_type(module, &ReadSection_spec, NULL, &ks->ReadSection_type) < 0
         || add_type(module, &DetachedSection_spec, NULL, &ks->DetachedSection_type) < 0) {
         return -1;
@@ -1044,7 +1089,13 @@ kernel_exec(PyObject *module)
     if (PyModule_AddIntConstant(module, "MAX_DEPTH", MAX_DEPTH) < 0) {
         return -1;
     }
-    return 0;
+    PyObject *errors = PyImport_ImportModule("qsbr.errors");
+    if (errors == NULL) {
+        return -1;
+    }
+    ks->unregistered_handle_error = PyObject_GetAttrString(errors, "unregistered_handle_error");
+    Py_DECREF(errors);
+    return ks->unregistered_handle_error == NULL ? -1 : 0;
 }
 
 static int
@@ -1053,9 +1104,10 @@ kernel_traverse(PyObject *module, visitproc visit, void *arg)
     kernel_state *ks = get_kernel_state(module);
     Py_VISIT(ks->DomainCore_type);
     Py_VISIT(ks->ThreadCore_type);
-    Py_VISIT(ks->HandleCore_type);
+    Py_VISIT(ks->ThreadHandle_type);
     Py_VISIT(ks->ReadSection_type);
     Py_VISIT(ks->DetachedSection_type);
+    Py_VISIT(ks->unregistered_handle_error);
     return 0;
 }
 
@@ -1065,9 +1117,10 @@ kernel_clear(PyObject *module)
     kernel_state *ks = get_kernel_state(module);
     Py_CLEAR(ks->DomainCore_type);
     Py_CLEAR(ks->ThreadCore_type);
-    Py_CLEAR(ks->HandleCore_type);
+    Py_CLEAR(ks->ThreadHandle_type);
     Py_CLEAR(ks->ReadSection_type);
     Py_CLEAR(ks->DetachedSection_type);
+    Py_CLEAR(ks->unregistered_handle_error);
     return 0;
 }
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DomainCore",
     "ThreadCore",
-    "HandleCore",
+    "ThreadHandle",
     "ReadSection",
     "DetachedSection",
     "scan_slots",
@@ -140,7 +140,7 @@ class ThreadCore:
     read_section: ReadSection
     detached_section: DetachedSection
     tls: threading.local
-    handle: HandleCore
+    handle: ThreadHandle
     sink: Sink
 
     @property
@@ -169,18 +169,30 @@ class ThreadCore:
         self.handle.report_to = UNREGISTERED
 
 
-class HandleCore:
-    """The kernel part of a ThreadHandle (see thread_state.py)."""
+class ThreadHandle:
+    """The calling thread's own handle on a domain, for hot read loops (see
+    thread_state.py and docs/api.md). It belongs to the thread that
+    registered: never pass it to another thread."""
 
-    __slots__ = ("report_to", "_domain", "_state")
+    __slots__ = ("report_to", "_domain", "_state", "__weakref__")
 
     def __init__(self, domain: Domain, state: ThreadCore) -> None:
         self.report_to: ThreadCore | Sink | _Unregistered = state
         self._domain = domain
         self._state = state
 
-    def _unregistered(self) -> None:  # pragma: no cover - ThreadHandle defines it
+    @property
+    def domain(self) -> Domain:
+        """The domain this handle reports to."""
+        return self._domain
+
+    def _unregistered(self) -> None:
         raise unregistered_handle_error()
+
+    def __repr__(self) -> str:
+        if self.report_to is UNREGISTERED:
+            return "<qsbr.ThreadHandle unregistered>"
+        return f"<qsbr.ThreadHandle seq={self._state.seq}>"
 
     def quiescent(self) -> None:
         """Report a quiescent state for this thread. Takes no lock."""
@@ -207,6 +219,9 @@ class HandleCore:
     def detach(self) -> None:
         """Leave rd_seq while blocking; hold no shared reference until attach()."""
         self._registered_state().detach()
+
+
+ThreadHandle.__module__ = "qsbr"
 
 
 def _too_deep() -> RuntimeError:

@@ -24,7 +24,7 @@ __all__ = [
     "IMPLEMENTATION",
     "DomainCore",
     "ThreadCore",
-    "HandleCore",
+    "ThreadHandle",
     "ReadSection",
     "DetachedSection",
     "scan_slots",
@@ -47,9 +47,9 @@ if TYPE_CHECKING:
         MAX_DEPTH,
         DetachedSection,
         DomainCore,
-        HandleCore,
         ReadSection,
         ThreadCore,
+        ThreadHandle,
         scan_slots,
     )
 
@@ -59,9 +59,9 @@ elif _pure_requested():
         MAX_DEPTH,
         DetachedSection,
         DomainCore,
-        HandleCore,
         ReadSection,
         ThreadCore,
+        ThreadHandle,
         scan_slots,
     )
 
@@ -73,9 +73,9 @@ else:
             MAX_DEPTH,
             DetachedSection,
             DomainCore,
-            HandleCore,
             ReadSection,
             ThreadCore,
+            ThreadHandle,
             scan_slots,
         )
     except ImportError as exc:  # not built (no compiler at install time), or built for another Python
@@ -83,9 +83,9 @@ else:
             MAX_DEPTH,
             DetachedSection,
             DomainCore,
-            HandleCore,
             ReadSection,
             ThreadCore,
+            ThreadHandle,
             scan_slots,
         )
 
