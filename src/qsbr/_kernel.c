@@ -56,6 +56,7 @@
 #include <structmember.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <string.h>
 
 /* -- module state ------------------------------------------------------ */
 
@@ -1057,9 +1058,51 @@ scan_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* -- specialize(): the readers' calls as methods of the subclass itself ---------- */
+
+PyDoc_STRVAR(specialize_doc,
+"specialize(cls)\n--\n\n"
+"Give `cls`, a subclass of DomainCore (qsbr.Domain), its own method\n"
+"descriptors for quiescent(), attached() and detached(). CPython specializes\n"
+"the call of a C method only for instances of the type the method was made\n"
+"for; DomainCore's own descriptors would take the generic path (about 20 ns\n"
+"more on 3.11) for every Domain instance. The functions are the same C code.");
+
+static const char *const SPECIALIZED[] = {"quiescent", "attached", "detached", NULL};
+
+static PyObject *
+specialize(PyObject *module, PyObject *cls)
+{
+    kernel_state *ks = get_kernel_state(module);
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, ks->DomainCore_type)) {
+        PyErr_SetString(PyExc_TypeError, "specialize() needs a subclass of DomainCore");
+        return NULL;
+    }
+    for (PyMethodDef *def = DomainCore_methods; def->ml_name != NULL; def++) {
+        int wanted = 0;
+        for (const char *const *name = SPECIALIZED; *name != NULL; name++) {
+            wanted |= strcmp(def->ml_name, *name) == 0;
+        }
+        if (!wanted) {
+            continue;
+        }
+        PyObject *descr = PyDescr_NewMethod((PyTypeObject *)cls, def);
+        if (descr == NULL) {
+            return NULL;
+        }
+        int rc = PyObject_SetAttrString(cls, def->ml_name, descr);
+        Py_DECREF(descr);
+        if (rc < 0) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 /* -- the module ---------------------------------------------------------------- */
 
 static PyMethodDef kernel_methods[] = {
+    {"specialize", (PyCFunction)specialize, METH_O, specialize_doc},
     {"scan_slots", (PyCFunction)(void (*)(void))scan_slots, METH_FASTCALL, scan_slots_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -45,6 +45,7 @@ __all__ = [
     "ReadSection",
     "DetachedSection",
     "scan_slots",
+    "specialize",
     "MAX_DEPTH",
     "Sink",
     "UNREGISTERED",
@@ -327,6 +328,11 @@ class DetachedSection:
             st.seq = self._domain._wr_seq  # attach again, before any shared read
             self._tls.report_to = st
             st.handle.report_to = st
+
+
+def specialize(cls: type) -> None:
+    """Nothing to do for the pure twin (the C one gives the subclass its own
+    method descriptors, for CPython's specialized calls)."""
 
 
 def scan_slots(slots: list[Any], start: int, end: int, lowest: int) -> tuple[int, Any, int]:

@@ -39,7 +39,7 @@ from .assembly import assemble
 from .debug import PendingObjects
 from .deferred import Call, ErrorHandler, call_no_arg
 from .errors import NotRegisteredError
-from .kernel import DomainCore
+from .kernel import DomainCore, specialize
 from .options import DomainOptions, check_int, check_release
 from .reclaimer import ReclaimerThread
 from .registry import Registry
@@ -483,3 +483,7 @@ class Domain(DomainCore):
         if self._reclaimer is not None:
             # The reclaimer thread did not survive; start a fresh one.
             self._reclaimer = ReclaimerThread(self._reclaim, self._options.reclaim_interval)
+
+
+# The readers' calls as Domain's own C methods (see kernel.specialize).
+specialize(Domain)

@@ -28,6 +28,7 @@ __all__ = [
     "ReadSection",
     "DetachedSection",
     "scan_slots",
+    "specialize",
     "MAX_DEPTH",
     "native_error",
     "Sink",
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         ThreadCore,
         ThreadHandle,
         scan_slots,
+        specialize,
     )
 
     IMPLEMENTATION: str
@@ -63,6 +65,7 @@ elif _pure_requested():
         ThreadCore,
         ThreadHandle,
         scan_slots,
+        specialize,
     )
 
     IMPLEMENTATION = "python"
@@ -77,6 +80,8 @@ else:
             ThreadCore,
             ThreadHandle,
             scan_slots,
+            specialize,
+        specialize,
         )
     except ImportError as exc:  # not built (no compiler at install time), or built for another Python
         from ._pykernel import (
@@ -87,6 +92,8 @@ else:
             ThreadCore,
             ThreadHandle,
             scan_slots,
+            specialize,
+        specialize,
         )
 
         IMPLEMENTATION = "python"
