@@ -81,7 +81,6 @@ else:
             ThreadHandle,
             scan_slots,
             specialize,
-        specialize,
         )
     except ImportError as exc:  # not built (no compiler at install time), or built for another Python
         from ._pykernel import (
@@ -93,7 +92,6 @@ else:
             ThreadHandle,
             scan_slots,
             specialize,
-        specialize,
         )
 
         IMPLEMENTATION = "python"
