@@ -317,3 +317,29 @@ def test_memory_is_flat_over_retire_poll_cell_and_pool_loops() -> None:
             domain.barrier(10)
 
     _assert_flat(_memory_growth(step))
+
+
+@pytest.mark.skipif(kernel.IMPLEMENTATION != "native", reason="the C kernel only")
+def test_domain_has_its_own_c_methods_and_subclasses_still_work() -> None:
+    """kernel.specialize(Domain): the readers' calls are method descriptors
+    made for Domain itself (CPython specializes their calls only then); a
+    subclass of Domain uses them through the generic path, correctly."""
+    for name in ("quiescent", "attached", "detached"):
+        descr = qsbr.Domain.__dict__[name]
+        assert descr.__objclass__ is qsbr.Domain, name
+
+    class Sub(qsbr.Domain):
+        pass
+
+    d = Sub()
+    d.register()
+    d.advance()
+    d.quiescent()
+    assert d._tls.state.seq == d.wr_seq
+    with d.detached():
+        assert not d.is_attached()
+    with d.attached():
+        assert d.is_attached()
+    d.unregister()
+    with pytest.raises(TypeError, match="subclass of DomainCore"):
+        kernel.specialize(int)
