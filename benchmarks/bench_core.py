@@ -248,6 +248,7 @@ def kernel_cases(q: Any, tag: str) -> tuple[dict[str, Callable[[int], float]], .
 
     def retire_case(domain: Any) -> Callable[[int], float]:
         def case(n: int) -> float:
+            domain.quiescent()  # the runs between cases are not one long stall
             t = time.perf_counter()
             retire = domain.retire
             for o in OBJS[:n]:

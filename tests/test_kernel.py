@@ -324,7 +324,7 @@ def test_domain_has_its_own_c_methods_and_subclasses_still_work() -> None:
     """kernel.specialize(Domain): the readers' calls are method descriptors
     made for Domain itself (CPython specializes their calls only then); a
     subclass of Domain uses them through the generic path, correctly."""
-    for name in ("quiescent", "attached", "detached"):
+    for name in ("quiescent", "attach", "detach", "attached", "detached"):
         descr = qsbr.Domain.__dict__[name]
         assert descr.__objclass__ is qsbr.Domain, name
 

@@ -296,6 +296,28 @@ DomainCore_quiescent(DomainCore *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+DomainCore_attach(DomainCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = cached_state(self);
+    if (st == NULL && (st = lookup_state(self, "attach")) == NULL) {
+        return NULL;
+    }
+    store_attach(st, load_wr_seq(self));  /* I4 */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+DomainCore_detach(DomainCore *self, PyObject *Py_UNUSED(ignored))
+{
+    ThreadCore *st = cached_state(self);
+    if (st == NULL && (st = lookup_state(self, "detach")) == NULL) {
+        return NULL;
+    }
+    store_detach(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 DomainCore_attached(DomainCore *self, PyObject *Py_UNUSED(ignored))
 {
     ThreadCore *st = cached_state(self);
@@ -356,6 +378,13 @@ static PyMethodDef DomainCore_methods[] = {
      "quiescent($self, /)\n--\n\n"
      "Report a quiescent state: the calling thread holds no reference to\n"
      "anything it read from shared structures. Takes no lock."},
+    {"attach", (PyCFunction)DomainCore_attach, METH_NOARGS,
+     "attach($self, /)\n--\n\n"
+     "Rejoin after detach(): seq = wr_seq, before any shared read."},
+    {"detach", (PyCFunction)DomainCore_detach, METH_NOARGS,
+     "detach($self, /)\n--\n\n"
+     "Leave rd_seq while blocking (I/O, sleep, waiting for work): the\n"
+     "thread must hold no shared references until attach()."},
     {"attached", (PyCFunction)DomainCore_attached, METH_NOARGS,
      "attached($self, /)\n--\n\n"
      "``with domain.attached():`` a read section (see qsbr/section.py)."},
@@ -1063,12 +1092,13 @@ scan_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 PyDoc_STRVAR(specialize_doc,
 "specialize(cls)\n--\n\n"
 "Give `cls`, a subclass of DomainCore (qsbr.Domain), its own method\n"
-"descriptors for quiescent(), attached() and detached(). CPython specializes\n"
+"descriptors for quiescent(), attach(), detach(), attached() and detached().\n"
+"CPython specializes\n"
 "the call of a C method only for instances of the type the method was made\n"
 "for; DomainCore's own descriptors would take the generic path (about 20 ns\n"
 "more on 3.11) for every Domain instance. The functions are the same C code.");
 
-static const char *const SPECIALIZED[] = {"quiescent", "attached", "detached", NULL};
+static const char *const SPECIALIZED[] = {"quiescent", "attach", "detach", "attached", "detached", NULL};
 
 static PyObject *
 specialize(PyObject *module, PyObject *cls)

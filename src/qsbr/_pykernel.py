@@ -108,6 +108,23 @@ class DomainCore:
         except AttributeError:
             self._thread_core("quiescent")  # raises NotRegisteredError
 
+    def detach(self) -> None:
+        """Leave rd_seq while blocking (I/O, sleep, waiting for work): the
+        thread must hold no shared references until attach()."""
+        try:
+            state = self._tls.state
+        except AttributeError:
+            state = self._thread_core("detach")
+        state.detach()
+
+    def attach(self) -> None:
+        """Rejoin after detach(): seq = wr_seq, before any shared read."""
+        try:
+            state = self._tls.state
+        except AttributeError:
+            state = self._thread_core("attach")
+        state.attach(self._wr_seq)
+
     def attached(self) -> ReadSection:
         """``with domain.attached():`` a read section (see section.py)."""
         try:

@@ -255,7 +255,8 @@ class Domain(DomainCore):
 
     # -- readers: quiescent states --------------------------------------
 
-    # quiescent(), attached() and detached() are the kernel's (DomainCore):
+    # quiescent(), attach(), detach(), attached() and detached() are the
+    # kernel's (DomainCore):
     # they find the calling thread's state without Python code on the hot
     # path, and call _thread_core() when they cannot.
 
@@ -272,15 +273,6 @@ class Domain(DomainCore):
         state = self._registry.register(self, self._wr_seq, self._handle_class)
         state.detach()
         return state
-
-    def detach(self) -> None:
-        """Leave rd_seq while blocking (I/O, sleep, waiting for work): the
-        thread must hold no shared references until attach()."""
-        self._registry.state_or_raise("detach").detach()
-
-    def attach(self) -> None:
-        """Rejoin after detach(): seq = wr_seq, before any shared read."""
-        self._registry.state_or_raise("attach").attach(self._wr_seq)
 
     def is_attached(self) -> bool:
         """Whether the calling thread is registered and attached: whether
