@@ -12,12 +12,13 @@ A ``Domain`` is the design's per-interpreter QSBR state, for Python code:
   a thread) and queues it on the thread's own list;
 * ``poll()`` recomputes ``rd_seq`` and runs every release whose goal <= rd_seq.
 
-This module holds what the hot paths touch (``wr_seq`` and the
-thread-local are slots of the Domain itself: every extra attribute load
-costs tens of nanoseconds on 3.13t) and one small method per word of the
-design, as CPython's Python/qsbr.c has: ``advance``, ``deferred_advance``
-(``_take_goal``), ``register``, ``unregister``, ``attach``, ``detach``,
-``quiescent``, ``retire``, ``poll``. Everything else is a part it delegates
+What readers call on every request is the kernel's: ``Domain`` subclasses
+``kernel.DomainCore`` (in C, or pure Python: kernel.py), which holds
+``wr_seq`` and the thread-local and implements ``quiescent``, ``attach``,
+``detach``, ``attached`` and ``detached``. This module adds one small
+method per remaining word of the design, as CPython's Python/qsbr.c has:
+``advance``, ``deferred_advance`` (``_take_goal``), ``register``,
+``unregister``, ``retire``, ``poll``. Everything else is a part it delegates
 to, one module each (docs/design.md, "Module map"; assembly.py wires them).
 retire() reaches release(obj) in two hops: retire -> Reclamation.poll
 (reclaim.py) -> DeferredWork.take_ready/run (deferred.py) -> release(obj).
