@@ -46,6 +46,13 @@
  *       outlives that (another thread unregistered the state: fork repair)
  *       still points to a live state, whose `registered` flag is 0, so the
  *       slow path runs. ThreadCore's dealloc clears the entry too.
+ *   I6. retire()'s fast path does what Domain._retire_python does, in the same
+ *       order, for the common case only (a registered, listed thread, a
+ *       plain domain: no cap, no debug mode, the standard goal rule); every
+ *       other case, and every error, goes to _retire_python. The four items
+ *       of an entry are appended in one PyList_SetSlice, atomic with respect
+ *       to pollers on both builds (they take prefixes of whole entries), and
+ *       the bytes are counted before the append (pending bytes never < 0).
  *
  * No GIL is assumed: on free-threaded builds every field shared between
  * threads is a C11 atomic, and the module declares Py_MOD_GIL_NOT_USED.
@@ -84,6 +91,12 @@ typedef struct {
     _Atomic int64_t wr_seq;  /* I1 */
     uint64_t serial;         /* unique in the process, never 0 (I5) */
     PyObject *tls;           /* the domain's threading.local (Python's) */
+    /* retire()'s fast path (I6), set once by Domain.__init__ through
+     * _configure_retire(): */
+    int retire_fast;         /* 0: every retire() takes the Python path */
+    int64_t deferred_limit;
+    int64_t deferred_bytes;
+    PyObject *sizers;        /* sizes.SIZERS: type -> sizer */
 } DomainCore;
 
 typedef struct {
@@ -92,6 +105,14 @@ typedef struct {
     _Atomic int registered;  /* 1 from creation until _mark_unregistered() */
     PyObject *read_section;
     PyObject *detached_section;
+    /* The writer's side (I6). Written by the owning thread while it is
+     * registered (and, after it left, under the domain's work lock); read by
+     * pollers: retired_bytes and listed are atomics for that. */
+    int64_t deferrals;
+    int64_t bytes_at_advance;
+    _Atomic int64_t retired_bytes;
+    _Atomic int listed;
+    PyObject *deferred;      /* the flat deferred-free list [goal, fn, arg, size, ...] */
 } ThreadCore;
 
 typedef struct {
@@ -241,6 +262,34 @@ lookup_state(DomainCore *d, const char *what)
     return core;
 }
 
+/* The calling thread's state through the domain's thread-local, cached, or
+ * NULL with no exception set when it has none (not registered). For
+ * retire(), whose unregistered case the Python path handles. */
+static ThreadCore *
+peek_state(DomainCore *d)
+{
+    if (d->tls == NULL) {
+        return NULL;
+    }
+    PyObject *st = PyObject_GetAttrString(d->tls, "state");
+    if (st == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(d), &kernel_module);
+    ThreadCore *core = NULL;
+    if (module != NULL && PyObject_TypeCheck(st, get_kernel_state(module)->ThreadCore_type)
+        && is_registered((ThreadCore *)st)) {
+        core = (ThreadCore *)st;
+        /* Borrowed: tls.state keeps it alive while it is registered (I5). */
+        tl_cache.serial = d->serial;
+        tl_cache.state = core;
+    }
+    PyErr_Clear();
+    Py_DECREF(st);
+    return core;
+}
+
 /* -- DomainCore ---------------------------------------------------------- */
 
 static PyObject *
@@ -253,6 +302,10 @@ DomainCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSE
     atomic_init(&self->wr_seq, 1);
     self->serial = atomic_fetch_add_explicit(&next_serial, 1, memory_order_relaxed);
     self->tls = NULL;
+    self->retire_fast = 0;
+    self->deferred_limit = 10;
+    self->deferred_bytes = 0;
+    self->sizers = NULL;
     return (PyObject *)self;
 }
 
@@ -261,6 +314,7 @@ DomainCore_traverse(DomainCore *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->tls);
+    Py_VISIT(self->sizers);
     return 0;
 }
 
@@ -268,6 +322,7 @@ static int
 DomainCore_clear(DomainCore *self)
 {
     Py_CLEAR(self->tls);
+    Py_CLEAR(self->sizers);
     return 0;
 }
 
@@ -347,6 +402,165 @@ DomainCore_advance_wr_seq(DomainCore *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+DomainCore_configure_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_configure_retire(fast, deferred_limit, deferred_bytes, sizers: dict)");
+        return NULL;
+    }
+    int fast = PyObject_IsTrue(args[0]);
+    if (fast < 0) {
+        return NULL;
+    }
+    long long limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long nbytes = PyLong_AsLongLong(args[2]);
+    if (nbytes == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    self->deferred_limit = limit;
+    self->deferred_bytes = nbytes;
+    Py_XSETREF(self->sizers, Py_NewRef(args[3]));
+    self->retire_fast = fast;
+    Py_RETURN_NONE;
+}
+
+/* retire(obj, release, *, size=None): the fast path (I6), else
+ * self._retire_python(obj, release, size=size). */
+static PyObject *
+retire_python(DomainCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *method = PyObject_GetAttrString((PyObject *)self, "_retire_python");
+    if (method == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(method, args, nargs, kwnames);
+    Py_DECREF(method);
+    return result;
+}
+
+static PyObject *
+DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *size_obj = Py_None;
+    if (!self->retire_fast || nargs != 2) {
+        return retire_python(self, args, nargs, kwnames);
+    }
+    if (kwnames != NULL) {
+        if (PyTuple_GET_SIZE(kwnames) != 1
+            || !PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0))
+            || PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "size") != 0) {
+            return retire_python(self, args, nargs, kwnames);
+        }
+        size_obj = args[2];
+    }
+    PyObject *obj = args[0], *release = args[1];
+    if (!PyCallable_Check(release)) {
+        return retire_python(self, args, nargs, kwnames);  /* raises, with a hint */
+    }
+    ThreadCore *st = cached_state(self);
+    if (st == NULL) {
+        st = peek_state(self);  /* the thread's state if it is registered, cached */
+    }
+    if (st == NULL || !atomic_load_explicit(&st->listed, memory_order_relaxed)) {
+        /* Not registered (or not cached yet), or its first retire: the
+         * Python path lists the writer and starts the watchdog. */
+        return retire_python(self, args, nargs, kwnames);
+    }
+    int64_t size;
+    if (size_obj == Py_None) {
+        /* estimate_size() without its call: the type's cached sizer. */
+        PyObject *sizer = PyDict_GetItemWithError(self->sizers, (PyObject *)Py_TYPE(obj));
+        if (sizer == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            return retire_python(self, args, nargs, kwnames);  /* a type not seen yet */
+        }
+        Py_INCREF(sizer);
+        PyObject *n = PyObject_CallOneArg(sizer, obj);
+        Py_DECREF(sizer);
+        if (n == NULL) {
+            return NULL;
+        }
+        long long v = PyLong_Check(n) ? PyLong_AsLongLong(n) : -1;
+        Py_DECREF(n);
+        if (v < 0) {
+            PyErr_Clear();
+            return retire_python(self, args, nargs, kwnames);
+        }
+        size = (int64_t)v;
+    }
+    else {
+        if (!PyLong_CheckExact(size_obj)) {
+            return retire_python(self, args, nargs, kwnames);  /* checks, raises */
+        }
+        long long v = PyLong_AsLongLong(size_obj);
+        if (v < 0) {
+            PyErr_Clear();
+            return retire_python(self, args, nargs, kwnames);
+        }
+        size = (int64_t)v;
+    }
+    /* Counted before the append, so the pending bytes are never negative. */
+    int64_t retired = atomic_load_explicit(&st->retired_bytes, memory_order_relaxed) + size;
+    atomic_store_explicit(&st->retired_bytes, retired, memory_order_relaxed);
+    /* The deferred advance (Domain._take_goal's rule, the design's words):
+     * wr_seq + 2 without advancing, except on the deferred_limit-th
+     * retirement since the thread's last advance, or past deferred_bytes. */
+    PyObject *goal;
+    int advanced = 0;
+    int64_t n = st->deferrals + 1;
+    if (n < self->deferred_limit && retired - st->bytes_at_advance <= self->deferred_bytes) {
+        st->deferrals = n;
+        /* I3: the caller's unlink precedes this acquire load in program order. */
+        goal = PyLong_FromLongLong(load_wr_seq(self) + 2);
+    }
+    else {
+        st->deferrals = 0;
+        st->bytes_at_advance = retired;
+        goal = PyObject_CallMethod((PyObject *)self, "advance", NULL);
+        advanced = 1;
+    }
+    if (goal == NULL) {
+        return NULL;
+    }
+    PyObject *size_long = PyLong_FromLongLong(size);
+    if (size_long == NULL) {
+        Py_DECREF(goal);
+        return NULL;
+    }
+    PyObject *entry = PyTuple_Pack(4, goal, release, obj, size_long);
+    Py_DECREF(size_long);
+    if (entry == NULL) {
+        Py_DECREF(goal);
+        return NULL;
+    }
+    /* One atomic append of the whole entry (I6). */
+    PyObject *deferred = Py_NewRef(st->deferred);
+    int rc = PyList_SetSlice(deferred, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, entry);
+    Py_DECREF(deferred);
+    Py_DECREF(entry);
+    if (rc < 0) {
+        Py_DECREF(goal);
+        return NULL;
+    }
+    if (advanced) {  /* every deferred_limit-th retirement: process now */
+        PyObject *r = PyObject_CallMethod((PyObject *)self, "_after_advance", "O", (PyObject *)st);
+        if (r == NULL) {
+            Py_DECREF(goal);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    return goal;
+}
+
+static PyObject *
 DomainCore_get_wr_seq(DomainCore *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromLongLong(load_wr_seq(self));
@@ -391,6 +605,13 @@ static PyMethodDef DomainCore_methods[] = {
     {"detached", (PyCFunction)DomainCore_detached, METH_NOARGS,
      "detached($self, /)\n--\n\n"
      "``with domain.detached(): blocking_call()``: detached for the block."},
+    {"retire", (PyCFunction)(void (*)(void))DomainCore_retire, METH_FASTCALL | METH_KEYWORDS,
+     "retire($self, obj, release, *, size=None)\n--\n\n"
+     "Schedule release(obj) for when no thread can still hold obj. Call it after\n"
+     "obj is unlinked. Returns the goal (see docs/api.md)."},
+    {"_configure_retire", (PyCFunction)(void (*)(void))DomainCore_configure_retire, METH_FASTCALL,
+     "_configure_retire($self, fast, deferred_limit, deferred_bytes, sizers, /)\n--\n\n"
+     "Set retire()'s fast path up (Domain.__init__)."},
     {"_advance_wr_seq", (PyCFunction)DomainCore_advance_wr_seq, METH_NOARGS,
      "_advance_wr_seq($self, /)\n--\n\n"
      "wr_seq += 2 (atomically); returns the new wr_seq."},
@@ -434,6 +655,15 @@ ThreadCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSE
     atomic_init(&self->registered, 1);
     self->read_section = NULL;
     self->detached_section = NULL;
+    self->deferrals = 0;
+    self->bytes_at_advance = 0;
+    atomic_init(&self->retired_bytes, 0);
+    atomic_init(&self->listed, 0);
+    self->deferred = PyList_New(0);
+    if (self->deferred == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     return (PyObject *)self;
 }
 
@@ -443,6 +673,7 @@ ThreadCore_traverse(ThreadCore *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->read_section);
     Py_VISIT(self->detached_section);
+    Py_VISIT(self->deferred);
     return 0;
 }
 
@@ -451,6 +682,7 @@ ThreadCore_clear(ThreadCore *self)
 {
     Py_CLEAR(self->read_section);
     Py_CLEAR(self->detached_section);
+    Py_CLEAR(self->deferred);
     return 0;
 }
 
@@ -529,6 +761,111 @@ ThreadCore_get_registered(ThreadCore *self, void *Py_UNUSED(closure))
     return PyBool_FromLong(is_registered(self));
 }
 
+static int
+set_int64(PyObject *value, int64_t *out, const char *name)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", name);
+        return -1;
+    }
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", name, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+static PyObject *
+ThreadCore_get_deferrals(ThreadCore *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->deferrals);
+}
+
+static int
+ThreadCore_set_deferrals(ThreadCore *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_int64(value, &self->deferrals, "deferrals");
+}
+
+static PyObject *
+ThreadCore_get_bytes_at_advance(ThreadCore *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->bytes_at_advance);
+}
+
+static int
+ThreadCore_set_bytes_at_advance(ThreadCore *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_int64(value, &self->bytes_at_advance, "bytes_at_advance");
+}
+
+static PyObject *
+ThreadCore_get_retired_bytes(ThreadCore *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(atomic_load_explicit(&self->retired_bytes, memory_order_relaxed));
+}
+
+static int
+ThreadCore_set_retired_bytes(ThreadCore *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    int64_t v;
+    if (set_int64(value, &v, "retired_bytes") < 0) {
+        return -1;
+    }
+    atomic_store_explicit(&self->retired_bytes, v, memory_order_relaxed);
+    return 0;
+}
+
+static PyObject *
+ThreadCore_get_listed(ThreadCore *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(atomic_load_explicit(&self->listed, memory_order_relaxed));
+}
+
+static int
+ThreadCore_set_listed(ThreadCore *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "listed cannot be deleted");
+        return -1;
+    }
+    int truth = PyObject_IsTrue(value);
+    if (truth < 0) {
+        return -1;
+    }
+    atomic_store_explicit(&self->listed, truth, memory_order_relaxed);
+    return 0;
+}
+
+static PyObject *
+ThreadCore_get_deferred(ThreadCore *self, void *Py_UNUSED(closure))
+{
+    if (self->deferred == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "deferred");
+        return NULL;
+    }
+    return Py_NewRef(self->deferred);
+}
+
+static int
+ThreadCore_set_deferred(ThreadCore *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    /* Replaced only by the owner while registered, or under the domain's
+     * work lock after it left (deferred.py, adopt): never while the owner
+     * retires (I6). */
+    if (value == NULL || !PyList_CheckExact(value)) {
+        PyErr_SetString(PyExc_TypeError, "deferred must be a list");
+        return -1;
+    }
+    Py_XSETREF(self->deferred, Py_NewRef(value));
+    return 0;
+}
+
 static PyMethodDef ThreadCore_methods[] = {
     {"attach", (PyCFunction)ThreadCore_attach, METH_O,
      "attach($self, wr_seq, /)\n--\n\n"
@@ -546,6 +883,16 @@ static PyGetSetDef ThreadCore_getset[] = {
     {"seq", (getter)ThreadCore_get_seq, (setter)ThreadCore_set_seq,
      "wr_seq as of this thread's last quiescent state; 0 = detached.", NULL},
     {"registered", (getter)ThreadCore_get_registered, NULL, "whether the thread is still registered", NULL},
+    {"deferrals", (getter)ThreadCore_get_deferrals, (setter)ThreadCore_set_deferrals,
+     "retirements since this thread last advanced wr_seq", NULL},
+    {"bytes_at_advance", (getter)ThreadCore_get_bytes_at_advance, (setter)ThreadCore_set_bytes_at_advance,
+     "retired_bytes as of this thread's last advance", NULL},
+    {"retired_bytes", (getter)ThreadCore_get_retired_bytes, (setter)ThreadCore_set_retired_bytes,
+     "bytes this thread ever retired", NULL},
+    {"listed", (getter)ThreadCore_get_listed, (setter)ThreadCore_set_listed,
+     "whether pollers visit this thread's list", NULL},
+    {"deferred", (getter)ThreadCore_get_deferred, (setter)ThreadCore_set_deferred,
+     "this thread's deferred-free list, flat: [goal, fn, arg, size, ...]", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1098,7 +1445,8 @@ PyDoc_STRVAR(specialize_doc,
 "for; DomainCore's own descriptors would take the generic path (about 20 ns\n"
 "more on 3.11) for every Domain instance. The functions are the same C code.");
 
-static const char *const SPECIALIZED[] = {"quiescent", "attach", "detach", "attached", "detached", NULL};
+static const char *const SPECIALIZED[] = {"quiescent", "attach", "detach", "attached", "detached", "retire",
+                                          NULL};
 
 static PyObject *
 specialize(PyObject *module, PyObject *cls)

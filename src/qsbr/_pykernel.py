@@ -139,6 +139,12 @@ class DomainCore:
         except AttributeError:
             return self._thread_core("detached").detached_section
 
+    def _configure_retire(
+        self, fast: bool, deferred_limit: int, deferred_bytes: int, sizers: dict[Any, Any]
+    ) -> None:
+        """The C twin's retire() fast path; nothing to set up here (Domain's
+        retire() is the Python one: specialize())."""
+
     def _advance_wr_seq(self) -> int:
         """wr_seq += 2; returns the new wr_seq. The caller holds the domain's
         lock: the read-modify-write is not atomic here."""
@@ -152,11 +158,25 @@ class ThreadCore:
     A mixin: the subclass (ThreadState) provides ``tls``, ``handle`` and
     ``sink``, which this twin keeps ``report_to`` in step with."""
 
-    __slots__ = ("seq", "read_section", "detached_section")
+    __slots__ = (
+        "seq",
+        "read_section",
+        "detached_section",
+        "deferrals",
+        "bytes_at_advance",
+        "retired_bytes",
+        "listed",
+        "deferred",
+    )
 
     seq: int
     read_section: ReadSection
     detached_section: DetachedSection
+    deferrals: int
+    bytes_at_advance: int
+    retired_bytes: int
+    listed: bool
+    deferred: list[Any]
     tls: threading.local
     handle: ThreadHandle
     sink: Sink
@@ -348,8 +368,9 @@ class DetachedSection:
 
 
 def specialize(cls: type) -> None:
-    """Nothing to do for the pure twin (the C one gives the subclass its own
-    method descriptors, for CPython's specialized calls)."""
+    """Nothing to do for the pure twin: ``cls.retire`` stays the Python one
+    (the C twin gives the subclass its own C method descriptors for the
+    readers' calls and retire(), for CPython's specialized calls)."""
 
 
 def scan_slots(slots: list[Any], start: int, end: int, lowest: int) -> tuple[int, Any, int]:

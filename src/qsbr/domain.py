@@ -135,6 +135,19 @@ class Domain(DomainCore):
         self._registry, self._work, self._timing = parts.registry, parts.work, parts.timing
         self._stalls, self._reclaim, self._admission = parts.stalls, parts.reclaim, parts.admission
         self._new_locks(threading.Lock)
+        cls = type(self)
+        self._configure_retire(
+            # The C fast path is the Python path for a plain domain; a cap,
+            # debug mode or an overridden goal rule (tests' mutants) take the
+            # Python path always.
+            self._admission is None
+            and self._pending is None
+            and cls._take_goal is Domain._take_goal
+            and cls._retire_python is Domain._retire_python,
+            self._deferred_limit,
+            self._deferred_bytes,
+            SIZERS,
+        )
         self._reclaimer: ReclaimerThread | None = None
         if opts.background:
             self._reclaimer = ReclaimerThread(self._reclaim, opts.reclaim_interval)
@@ -288,7 +301,7 @@ class Domain(DomainCore):
 
     # -- writers: retiring -----------------------------------------------
 
-    def retire(self, obj: Any, release: Callable[[Any], Any], *, size: int | None = None) -> int:
+    def _retire_python(self, obj: Any, release: Callable[[Any], Any], *, size: int | None = None) -> int:
         """Schedule release(obj) for when no thread can still hold obj.
 
         Call it after obj is unlinked (no new reader can reach it). ``size``
@@ -324,6 +337,11 @@ class Domain(DomainCore):
         if not state.deferrals:  # _take_goal advanced: process now
             self._after_advance(state)
         return goal
+
+    # retire() is this Python method on the pure kernel; the C kernel
+    # replaces it (specialize() below) with its fast path for the common case
+    # (_kernel.c, I6), which calls _retire_python for every other case.
+    retire = _retire_python
 
     def _retire_unregistered(self, obj: Any, release: Callable[[Any], Any], size: int) -> int:
         if self._reclaim.in_release():
@@ -478,5 +496,6 @@ class Domain(DomainCore):
             self._reclaimer = ReclaimerThread(self._reclaim, self._options.reclaim_interval)
 
 
-# The readers' calls as Domain's own C methods (see kernel.specialize).
+# The readers' calls and retire() as Domain's own C methods on the C kernel
+# (see kernel.specialize).
 specialize(Domain)

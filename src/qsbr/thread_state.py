@@ -96,16 +96,14 @@ class CheckedThreadHandle(ThreadHandle):
 class ThreadState(ThreadCore):
     """One registered thread's view of the domain."""
 
+    # seq, read_section and detached_section, and the writer's deferrals,
+    # bytes_at_advance, retired_bytes, listed and deferred, are the
+    # kernel's ThreadCore (retire()'s fast path reads them in C).
     __slots__ = (
         "handle",
         "tls",
-        "deferrals",
-        "bytes_at_advance",
-        "retired_bytes",
         "stall_seq",
         "stall_reports",
-        "deferred",
-        "listed",
         "slot",
         "ident",
         "name",
