@@ -74,6 +74,13 @@ typedef struct {
     PyTypeObject *ReadSection_type;
     PyTypeObject *DetachedSection_type;
     PyObject *unregistered_handle_error;  /* qsbr.errors.unregistered_handle_error */
+    /* Interned names of the Python methods the slow paths call: made once,
+     * so that no call allocates a name. */
+    PyObject *str_thread_core;
+    PyObject *str_state;
+    PyObject *str_advance;
+    PyObject *str_after_advance;
+    PyObject *str_retire_python;
 } kernel_state;
 
 static struct PyModuleDef kernel_module;
@@ -233,19 +240,30 @@ forget_cached(ThreadCore *st)
  * `what` naming the call for its NotRegisteredError; cache it. Returns a
  * borrowed pointer kept alive by the thread's registration, or NULL with an
  * exception set. */
+static kernel_state *
+state_of(PyObject *obj)
+{
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(obj), &kernel_module);
+    return module == NULL ? NULL : get_kernel_state(module);
+}
+
 static ThreadCore *
 lookup_state(DomainCore *d, const char *what)
 {
-    PyObject *st = PyObject_CallMethod((PyObject *)d, "_thread_core", "s", what);
+    kernel_state *ks = state_of((PyObject *)d);
+    if (ks == NULL) {
+        return NULL;
+    }
+    PyObject *arg = PyUnicode_InternFromString(what);
+    if (arg == NULL) {
+        return NULL;
+    }
+    PyObject *st = PyObject_CallMethodOneArg((PyObject *)d, ks->str_thread_core, arg);
+    Py_DECREF(arg);
     if (st == NULL) {
         return NULL;
     }
-    PyObject *module = PyType_GetModuleByDef(Py_TYPE(d), &kernel_module);
-    if (module == NULL) {
-        Py_DECREF(st);
-        return NULL;
-    }
-    if (!PyObject_TypeCheck(st, get_kernel_state(module)->ThreadCore_type)) {
+    if (!PyObject_TypeCheck(st, ks->ThreadCore_type)) {
         PyErr_Format(PyExc_TypeError, "_thread_core() returned a %.100s, not a thread state",
                      Py_TYPE(st)->tp_name);
         Py_DECREF(st);
@@ -271,14 +289,18 @@ peek_state(DomainCore *d)
     if (d->tls == NULL) {
         return NULL;
     }
-    PyObject *st = PyObject_GetAttrString(d->tls, "state");
+    kernel_state *ks = state_of((PyObject *)d);
+    if (ks == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *st = PyObject_GetAttr(d->tls, ks->str_state);
     if (st == NULL) {
         PyErr_Clear();
         return NULL;
     }
-    PyObject *module = PyType_GetModuleByDef(Py_TYPE(d), &kernel_module);
     ThreadCore *core = NULL;
-    if (module != NULL && PyObject_TypeCheck(st, get_kernel_state(module)->ThreadCore_type)
+    if (PyObject_TypeCheck(st, ks->ThreadCore_type)
         && is_registered((ThreadCore *)st)) {
         core = (ThreadCore *)st;
         /* Borrowed: tls.state keeps it alive while it is registered (I5). */
@@ -433,7 +455,11 @@ DomainCore_configure_retire(DomainCore *self, PyObject *const *args, Py_ssize_t 
 static PyObject *
 retire_python(DomainCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *method = PyObject_GetAttrString((PyObject *)self, "_retire_python");
+    kernel_state *ks = state_of((PyObject *)self);
+    if (ks == NULL) {
+        return NULL;
+    }
+    PyObject *method = PyObject_GetAttr((PyObject *)self, ks->str_retire_python);
     if (method == NULL) {
         return NULL;
     }
@@ -523,7 +549,8 @@ DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, Py
     else {
         st->deferrals = 0;
         st->bytes_at_advance = retired;
-        goal = PyObject_CallMethod((PyObject *)self, "advance", NULL);
+        kernel_state *ks = state_of((PyObject *)self);
+        goal = ks == NULL ? NULL : PyObject_CallMethodNoArgs((PyObject *)self, ks->str_advance);
         advanced = 1;
     }
     if (goal == NULL) {
@@ -550,7 +577,10 @@ DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, Py
         return NULL;
     }
     if (advanced) {  /* every deferred_limit-th retirement: process now */
-        PyObject *r = PyObject_CallMethod((PyObject *)self, "_after_advance", "O", (PyObject *)st);
+        kernel_state *ks = state_of((PyObject *)self);
+        PyObject *r = ks == NULL ? NULL
+                                 : PyObject_CallMethodOneArg((PyObject *)self, ks->str_after_advance,
+                                                             (PyObject *)st);
         if (r == NULL) {
             Py_DECREF(goal);
             return NULL;
@@ -1516,7 +1546,17 @@ kernel_exec(PyObject *module)
     }
     ks->unregistered_handle_error = PyObject_GetAttrString(errors, "unregistered_handle_error");
     Py_DECREF(errors);
-    return ks->unregistered_handle_error == NULL ? -1 : 0;
+    if (ks->unregistered_handle_error == NULL) {
+        return -1;
+    }
+    if ((ks->str_thread_core = PyUnicode_InternFromString("_thread_core")) == NULL
+        || (ks->str_state = PyUnicode_InternFromString("state")) == NULL
+        || (ks->str_advance = PyUnicode_InternFromString("advance")) == NULL
+        || (ks->str_after_advance = PyUnicode_InternFromString("_after_advance")) == NULL
+        || (ks->str_retire_python = PyUnicode_InternFromString("_retire_python")) == NULL) {
+        return -1;
+    }
+    return 0;
 }
 
 static int
@@ -1529,6 +1569,11 @@ kernel_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(ks->ReadSection_type);
     Py_VISIT(ks->DetachedSection_type);
     Py_VISIT(ks->unregistered_handle_error);
+    Py_VISIT(ks->str_thread_core);
+    Py_VISIT(ks->str_state);
+    Py_VISIT(ks->str_advance);
+    Py_VISIT(ks->str_after_advance);
+    Py_VISIT(ks->str_retire_python);
     return 0;
 }
 
@@ -1542,6 +1587,11 @@ kernel_clear(PyObject *module)
     Py_CLEAR(ks->ReadSection_type);
     Py_CLEAR(ks->DetachedSection_type);
     Py_CLEAR(ks->unregistered_handle_error);
+    Py_CLEAR(ks->str_thread_core);
+    Py_CLEAR(ks->str_state);
+    Py_CLEAR(ks->str_advance);
+    Py_CLEAR(ks->str_after_advance);
+    Py_CLEAR(ks->str_retire_python);
     return 0;
 }
 
