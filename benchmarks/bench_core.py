@@ -292,20 +292,26 @@ OBJS = [object() for _ in range(100_000)]
 
 def per_thread_handle_quiescent(q: Any, threads: int, n: int) -> float:
     """ns per handle.quiescent() in each of ``threads`` threads calling it at
-    once on one domain (P1s: on 3.13t, what a reader pays when others run)."""
-    d = q.Domain()
+    once on one domain (P1s: on 3.13t, what a reader pays when others run).
+    With ``q`` None, an empty method call of a thread's own object instead:
+    the machine's own slowdown with two busy threads, nothing shared."""
+    d = q.Domain() if q is not None else None
     start = threading.Barrier(threads + 1, timeout=60)
     took: list[float] = []
 
     def body() -> None:
-        h = d.register()
-        quiesce = h.quiescent
+        if d is not None:
+            h = d.register()
+            quiesce = h.quiescent
+        else:
+            quiesce = Plain().empty
         start.wait()
         t = time.perf_counter()
         for _ in range(n):
             quiesce()
         took.append(time.perf_counter() - t)
-        d.unregister()
+        if d is not None:
+            d.unregister()
 
     workers = [threading.Thread(target=body) for _ in range(threads)]
     for w in workers:
@@ -313,7 +319,8 @@ def per_thread_handle_quiescent(q: Any, threads: int, n: int) -> float:
     start.wait()
     for w in workers:
         w.join(120)
-    d.close()
+    if d is not None:
+        d.close()
     return sum(took) / len(took) / n * 1e9
 
 
@@ -424,7 +431,7 @@ def main() -> None:
     # P1s: per-thread cost with two threads at once, against one (median of
     # `repeats` alternating runs per kernel).
     scaling: dict[str, dict[str, float]] = {}
-    for tag, q in twins.items():
+    for tag, q in [*twins.items(), ("empty_call", None)]:
         one, two = [], []
         for _ in range(repeats):
             one.append(per_thread_handle_quiescent(q, 1, n // 2))
@@ -505,11 +512,13 @@ def main() -> None:
         + "".join(f"{scaling[t]['ratio']:8.2f}x" for t in tags)
         + "   <= 1.3x (3.13t)"
     )
-    for t in tags:
+    for t in [*tags, "empty_call"]:
         print(
             f"    {t}: {scaling[t]['one_thread_ns']:.1f} ns alone, "
-            f"{scaling[t]['two_threads_ns']:.1f} ns each with two threads"
+            f"{scaling[t]['two_threads_ns']:.1f} ns each with two threads "
+            f"({scaling[t]['ratio']:.2f}x)"
         )
+    print("    (empty_call: an empty method call of each thread's own object, nothing shared)")
     print("  the pure-Python floor (FloorDomain: no goals, no scan, no lock):")
     print(f"    quiescent / empty method call    {floor_ratios['floor_quiescent_vs_empty_call']:5.2f}x")
     print(f"    retire+release / append+call     {floor_ratios['floor_retire_vs_append_call']:5.2f}x")
