@@ -27,7 +27,10 @@ def test_executor_workers_are_attached_only_while_running(domain: qsbr.Domain) -
         assert ex.domain is domain
         assert list(ex.map(lambda x: x * 2, range(10))) == list(range(0, 20, 2))
         assert wait_until(lambda: domain.stats().threads >= 1)
-        assert domain.stats().attached == 0  # idle workers are detached
+        # Idle workers are detached. Waited for: a worker the pool started
+        # for the map may still be between registering (attached) and the
+        # detach its start-up ends with (a CI failure on 3.13t, 1 in many).
+        assert wait_until(lambda: domain.stats().attached == 0)
 
         def task() -> bool:
             inside.set()
