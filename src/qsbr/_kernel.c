@@ -195,14 +195,29 @@ is_registered(ThreadCore *st)
 }
 
 static int
-check_seq_value(PyObject *value, int64_t *out)
+set_int64(PyObject *value, int64_t *out, const char *name)
 {
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", name);
+        return -1;
+    }
     if (!PyLong_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "seq must be an int, not %.100s", Py_TYPE(value)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", name, Py_TYPE(value)->tp_name);
         return -1;
     }
     long long v = PyLong_AsLongLong(value);
     if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+static int
+check_seq_value(PyObject *value, int64_t *out)
+{
+    int64_t v;
+    if (set_int64(value, &v, "seq") < 0) {
         return -1;
     }
     if (v < 0) {
@@ -233,6 +248,17 @@ forget_cached(ThreadCore *st)
     if (tl_cache.state == st) {
         tl_cache.state = NULL;
         tl_cache.serial = 0;
+    }
+}
+
+/* Remember `st` as the calling thread's state in `d` (I5): borrowed, kept
+ * alive by the thread's registration (tls.state) while it is registered. */
+static inline void
+remember_state(DomainCore *d, ThreadCore *st)
+{
+    if (is_registered(st)) {
+        tl_cache.serial = d->serial;
+        tl_cache.state = st;
     }
 }
 
@@ -270,12 +296,7 @@ lookup_state(DomainCore *d, const char *what)
         return NULL;
     }
     ThreadCore *core = (ThreadCore *)st;
-    /* The thread's registration (tls.state) keeps it alive; the borrowed
-     * pointer is valid while it stays registered (I5). */
-    if (is_registered(core)) {
-        tl_cache.serial = d->serial;
-        tl_cache.state = core;
-    }
+    remember_state(d, core);
     Py_DECREF(st);
     return core;
 }
@@ -300,14 +321,10 @@ peek_state(DomainCore *d)
         return NULL;
     }
     ThreadCore *core = NULL;
-    if (PyObject_TypeCheck(st, ks->ThreadCore_type)
-        && is_registered((ThreadCore *)st)) {
+    if (PyObject_TypeCheck(st, ks->ThreadCore_type) && is_registered((ThreadCore *)st)) {
         core = (ThreadCore *)st;
-        /* Borrowed: tls.state keeps it alive while it is registered (I5). */
-        tl_cache.serial = d->serial;
-        tl_cache.state = core;
+        remember_state(d, core);
     }
-    PyErr_Clear();
     Py_DECREF(st);
     return core;
 }
@@ -365,8 +382,10 @@ DomainCore_quiescent(DomainCore *self, PyObject *Py_UNUSED(ignored))
     if (st == NULL && (st = lookup_state(self, "quiescent")) == NULL) {
         return NULL;
     }
-    /* Detached (seq 0): nothing to report, and quiescent() must not attach. */
-    if (load_seq(st) != 0 && is_registered(st)) {
+    /* Detached (seq 0): nothing to report, and quiescent() must not attach.
+     * (st is registered: cached_state checks it, and _thread_core returns
+     * only the thread's current, registered state.) */
+    if (load_seq(st) != 0) {
         store_quiescent(st, load_wr_seq(self));
     }
     Py_RETURN_NONE;
@@ -492,7 +511,7 @@ DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, Py
     if (st == NULL) {
         st = peek_state(self);  /* the thread's state if it is registered, cached */
     }
-    if (st == NULL || !atomic_load_explicit(&st->listed, memory_order_relaxed)) {
+    if (st == NULL || st->deferred == NULL || !atomic_load_explicit(&st->listed, memory_order_relaxed)) {
         /* Not registered (or not cached yet), or its first retire: the
          * Python path lists the writer and starts the watchdog. */
         return retire_python(self, args, nargs, kwnames);
@@ -689,11 +708,7 @@ ThreadCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSE
     self->bytes_at_advance = 0;
     atomic_init(&self->retired_bytes, 0);
     atomic_init(&self->listed, 0);
-    self->deferred = PyList_New(0);
-    if (self->deferred == NULL) {
-        Py_DECREF(self);
-        return NULL;
-    }
+    self->deferred = NULL;  /* ThreadState.__init__ sets it, as for the pure twin */
     return (PyObject *)self;
 }
 
@@ -789,25 +804,6 @@ static PyObject *
 ThreadCore_get_registered(ThreadCore *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(is_registered(self));
-}
-
-static int
-set_int64(PyObject *value, int64_t *out, const char *name)
-{
-    if (value == NULL) {
-        PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", name);
-        return -1;
-    }
-    if (!PyLong_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", name, Py_TYPE(value)->tp_name);
-        return -1;
-    }
-    long long v = PyLong_AsLongLong(value);
-    if (v == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *out = (int64_t)v;
-    return 0;
 }
 
 static PyObject *

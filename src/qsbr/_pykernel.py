@@ -31,6 +31,7 @@ CPython performs atomically on both builds, in program order (docs/design.md,
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import unregistered_handle_error
@@ -93,8 +94,10 @@ class DomainCore:
     def __init__(self) -> None:
         self._wr_seq = 1
 
-    def _thread_core(self, what: str) -> ThreadCore:  # pragma: no cover - Domain defines it
-        raise NotImplementedError
+    #: The calling thread's state for the call named ``what`` (registering
+    #: it for "attached"), or NotRegisteredError: the subclass's method
+    #: (Domain._thread_core), which both twins call on their slow path.
+    _thread_core: Callable[[str], ThreadCore]
 
     def quiescent(self) -> None:
         """Report a quiescent state: the calling thread holds no reference
