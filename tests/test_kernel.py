@@ -128,6 +128,49 @@ def test_scan_slots_agrees_on_both_twins(twin: ModuleType) -> None:
             t.join(10)
 
 
+@pytest.mark.parametrize("twin", TWINS)
+def test_run_entries_agrees_on_both_twins(twin: ModuleType) -> None:
+    """The loop that runs a batch: errors to on_error, a BaseException (or a
+    failing on_error) stops it and is returned, sizes past 64 bits add up."""
+    ran: list[Any] = []
+    seen: list[tuple[str, Any]] = []
+
+    def ok(arg: Any) -> None:
+        ran.append(arg)
+
+    def fails(arg: Any) -> None:
+        ran.append(arg)
+        raise ValueError(arg)
+
+    def interrupts(arg: Any) -> None:
+        ran.append(arg)
+        raise KeyboardInterrupt
+
+    def on_error(exc: BaseException, arg: Any) -> None:
+        seen.append((type(exc).__name__, arg))
+
+    big = 1 << 70
+    chunk = [1, ok, "a", 3, 1, fails, "b", big, 3, ok, "c", 4]
+    assert twin.run_entries(chunk, on_error) == (3, 7 + big, 1, None)
+    assert ran == ["a", "b", "c"] and seen == [("ValueError", "b")]
+    assert chunk[1] is ok  # the chunk is left as it was: the caller owns it
+
+    ran.clear()
+    n, freed, errors, stopped = twin.run_entries(
+        [1, ok, "a", 1, 1, interrupts, "b", 2, 1, ok, "c", 4], on_error
+    )
+    assert (n, freed, errors) == (2, 3, 0) and isinstance(stopped, KeyboardInterrupt)
+    assert stopped.__traceback__ is not None and ran == ["a", "b"]
+
+    def handler_fails(exc: BaseException, arg: Any) -> None:
+        raise RuntimeError("handler")
+
+    ran.clear()
+    n, freed, errors, stopped = twin.run_entries([1, fails, "x", 5, 1, ok, "y", 5], handler_fails)
+    assert (n, freed, errors, type(stopped)) == (1, 5, 1, RuntimeError) and ran == ["x"]
+    assert twin.run_entries([], on_error) == (0, 0, 0, None)
+
+
 @pytest.mark.parametrize("kind", ["attached", "detached"])
 def test_sections_nest_at_most_max_depth_and_an_unmatched_exit_raises(domain: qsbr.Domain, kind: str) -> None:
     """The same limits and errors on both twins (this runs on each)."""

@@ -19,7 +19,8 @@
  *                    method specializes only for the method's exact type)
  *   ReadSection      `with domain.attached():` (levels as bits of a uint64)
  *   DetachedSection  `with domain.detached():`
- * and scan_slots(), the loads of one step of the rd_seq scan.
+ * and scan_slots(), the loads of one step of the rd_seq scan, and
+ * run_entries(), the loop that runs a batch's releases (deferred.py).
  *
  * Invariants (the design's, kept here):
  *   I1. wr_seq starts at 1 and only _advance_wr_seq() changes it, by +2
@@ -518,17 +519,34 @@ DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, Py
     }
     int64_t size;
     if (size_obj == Py_None) {
-        /* estimate_size() without its call: the type's cached sizer. */
-        PyObject *sizer = PyDict_GetItemWithError(self->sizers, (PyObject *)Py_TYPE(obj));
+        /* estimate_size() without its call: the type's cached sizer, or
+         * its instances' one size (an exact int: sizes.py). A strong
+         * reference: on 3.13t another thread may replace the entry (a
+         * first sighting stores the function, then the int) meanwhile. */
+        PyObject *sizer;
+#if PY_VERSION_HEX >= 0x030D0000
+        if (PyDict_GetItemRef(self->sizers, (PyObject *)Py_TYPE(obj), &sizer) < 0) {
+            return NULL;
+        }
+#else
+        /* With the GIL, nothing runs between the lookup and the incref. */
+        sizer = PyDict_GetItemWithError(self->sizers, (PyObject *)Py_TYPE(obj));
+        if (sizer == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_XINCREF(sizer);
+#endif
         if (sizer == NULL) {
-            if (PyErr_Occurred()) {
-                return NULL;
-            }
             return retire_python(self, args, nargs, kwnames);  /* a type not seen yet */
         }
-        Py_INCREF(sizer);
-        PyObject *n = PyObject_CallOneArg(sizer, obj);
-        Py_DECREF(sizer);
+        PyObject *n;
+        if (PyLong_CheckExact(sizer)) {
+            n = sizer;  /* our reference becomes n's */
+        }
+        else {
+            n = PyObject_CallOneArg(sizer, obj);
+            Py_DECREF(sizer);
+        }
         if (n == NULL) {
             return NULL;
         }
@@ -1460,6 +1478,119 @@ scan_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* -- running a batch's releases --------------------------------------------- */
+
+PyDoc_STRVAR(run_entries_doc,
+"run_entries(chunk, on_error) -> (ran, freed, errors, stopped)\n\n"
+"Run release(arg) for each entry [goal, release, arg, size] of `chunk`, in\n"
+"order. A release that raises an Exception is passed to on_error(exc, arg)\n"
+"and the rest still run. A BaseException (or an exception from on_error)\n"
+"stops the loop and is returned as `stopped`, not raised: the entries after\n"
+"the first `ran` did not run. `ran` and `freed` count the entry that raised.");
+
+/* The exception being raised, as an object with its traceback (3.11 has no
+ * PyErr_GetRaisedException). */
+static PyObject *
+take_raised_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+static PyObject *
+run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "run_entries() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *chunk = args[0], *on_error = args[1];
+    /* The chunk is a batch's own list (deferred.py: taken under the lock,
+     * run by exactly one thread), so nobody resizes it while we index it;
+     * the length is read once all the same, and each item is held. */
+    if (!PyList_CheckExact(chunk) || PyList_GET_SIZE(chunk) % 4 != 0) {
+        PyErr_SetString(PyExc_TypeError, "run_entries() needs a list of whole entries");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(chunk) / 4;
+    Py_ssize_t ran = 0, errors = 0;
+    int64_t freed = 0;
+    PyObject *freed_big = NULL;  /* sizes past int64, added as Python ints */
+    PyObject *stopped = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *fn = Py_NewRef(PyList_GET_ITEM(chunk, 4 * i + 1));
+        PyObject *arg = Py_NewRef(PyList_GET_ITEM(chunk, 4 * i + 2));
+        PyObject *size = PyList_GET_ITEM(chunk, 4 * i + 3);
+        ran++;
+        int overflow = 0;
+        long long v = PyLong_Check(size) ? PyLong_AsLongLongAndOverflow(size, &overflow) : -1;
+        if (v >= 0 && overflow == 0 && freed <= INT64_MAX - v) {
+            freed += v;
+        }
+        else {
+            PyErr_Clear();
+            if (freed_big == NULL) {
+                freed_big = PyLong_FromLong(0);
+            }
+            PyObject *sum = freed_big == NULL ? NULL : PyNumber_Add(freed_big, size);
+            if (sum == NULL) {
+                stopped = take_raised_exception();
+                Py_DECREF(fn);
+                Py_DECREF(arg);
+                break;
+            }
+            Py_XSETREF(freed_big, sum);
+        }
+        PyObject *r = PyObject_CallOneArg(fn, arg);
+        Py_DECREF(fn);
+        if (r != NULL) {
+            Py_DECREF(r);
+            Py_DECREF(arg);
+            continue;
+        }
+        PyObject *exc = take_raised_exception();
+        if (exc != NULL && PyObject_TypeCheck(exc, (PyTypeObject *)PyExc_Exception)) {
+            errors++;
+            PyObject *hr = PyObject_CallFunctionObjArgs(on_error, exc, arg, NULL);
+            Py_DECREF(exc);
+            Py_DECREF(arg);
+            if (hr != NULL) {
+                Py_DECREF(hr);
+                continue;
+            }
+            stopped = take_raised_exception();
+            break;
+        }
+        Py_DECREF(arg);
+        stopped = exc;  /* a BaseException: the caller puts the rest back */
+        break;
+    }
+    PyObject *freed_obj = PyLong_FromLongLong(freed);
+    if (freed_obj != NULL && freed_big != NULL) {
+        Py_SETREF(freed_obj, PyNumber_Add(freed_obj, freed_big));
+    }
+    Py_XDECREF(freed_big);
+    if (freed_obj == NULL) {
+        Py_XDECREF(stopped);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(nNnO)", ran, freed_obj, errors, stopped != NULL ? stopped : Py_None);
+    Py_XDECREF(stopped);
+    return result;
+}
+
 /* -- specialize(): the readers' calls as methods of the subclass itself ---------- */
 
 PyDoc_STRVAR(specialize_doc,
@@ -1508,6 +1639,7 @@ specialize(PyObject *module, PyObject *cls)
 static PyMethodDef kernel_methods[] = {
     {"specialize", (PyCFunction)specialize, METH_O, specialize_doc},
     {"scan_slots", (PyCFunction)(void (*)(void))scan_slots, METH_FASTCALL, scan_slots_doc},
+    {"run_entries", (PyCFunction)(void (*)(void))run_entries, METH_FASTCALL, run_entries_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -46,6 +46,7 @@ __all__ = [
     "ReadSection",
     "DetachedSection",
     "scan_slots",
+    "run_entries",
     "specialize",
     "MAX_DEPTH",
     "Sink",
@@ -395,3 +396,28 @@ def scan_slots(slots: list[Any], start: int, end: int, lowest: int) -> tuple[int
                     lowest = seq
                     lowest_state = st
     return lowest, lowest_state, attached
+
+
+def run_entries(
+    chunk: list[Any], on_error: Callable[[BaseException, Any], object]
+) -> tuple[int, int, int, BaseException | None]:
+    """Run release(arg) for each entry [goal, release, arg, size] of
+    ``chunk``, in order: (ran, freed, errors, stopped). A release that raises
+    an Exception goes to ``on_error(exc, arg)`` and the rest still run. A
+    BaseException (or an exception from on_error) stops the loop and is
+    returned as ``stopped``, not raised: the entries after the first ``ran``
+    did not run. ``ran`` and ``freed`` count the entry that raised."""
+    ran = freed = errors = 0
+    it = iter(chunk)
+    try:
+        for _goal, fn, arg, size in zip(it, it, it, it):  # noqa: B905 - whole entries by design
+            ran += 1
+            freed += size
+            try:
+                fn(arg)
+            except Exception as exc:
+                errors += 1
+                on_error(exc, arg)
+    except BaseException as exc:
+        return ran, freed, errors, exc
+    return ran, freed, errors, None

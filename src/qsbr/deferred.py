@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
+from .kernel import run_entries
 from .thread_state import ThreadState
 
 __all__ = ["DeferredWork", "WorkCounts", "ErrorHandler", "call_no_arg", "Call", "ENTRY"]
@@ -369,6 +370,9 @@ class DeferredWork:
                     continue
                 if buf[n - ENTRY] <= rd_seq or buf is own:
                     j = n  # goals never decrease: all of buf[:n] is ready
+                elif buf[0] > rd_seq:  # nothing ready: the common failed poll, no search
+                    waiting += n
+                    continue
                 else:
                     j = _ready_prefix(buf, n, rd_seq)
                     waiting += n - j
@@ -416,27 +420,22 @@ class DeferredWork:
         ran = errors = freed = 0
         chunks = batch.chunks
         leftover: list[list[Any]] = []
-        it: Any = None
         try:
             while chunks:
                 chunk = chunks.pop(0)
-                it = iter(chunk)
-                for _goal, fn, arg, size in zip(it, it, it, it):  # noqa: B905 - entries by design
-                    ran += 1
-                    freed += size
-                    try:
-                        fn(arg)
-                    except Exception as exc:
-                        errors += 1
-                        on_error(exc, arg)
-                it = None
-                batch.remaining -= len(chunk) // ENTRY
-        except BaseException:
-            # Only a BaseException from a release gets here: the one that
-            # raised has run (and failed); the rest go back, whole entries.
-            rest = list(it) if it is not None else []
-            leftover = ([rest] if rest else []) + chunks
-            raise
+                # The loop over the chunk is the kernel's (C on the native one).
+                n, nbytes, nerr, stopped = run_entries(chunk, on_error)
+                ran += n
+                freed += nbytes
+                errors += nerr
+                batch.remaining -= n
+                if stopped is not None:
+                    # A BaseException from a release (or from on_error): the
+                    # one that raised has run (and failed); the rest go back,
+                    # whole entries, and the exception propagates.
+                    rest = chunk[n * ENTRY :]
+                    leftover = ([rest] if rest else []) + chunks
+                    raise stopped
         finally:
             with self._lock:
                 if leftover:

@@ -313,7 +313,10 @@ class Domain(DomainCore):
             check_release(release)  # raises, with a hint
         if size is None:
             sizer = SIZERS.get(type(obj))  # estimate_size(), without its call
-            size = sizer(obj) if sizer is not None else estimate_size(obj)
+            if sizer.__class__ is int:  # a type whose instances have one size
+                size = sizer
+            else:
+                size = sizer(obj) if sizer is not None else estimate_size(obj)  # type: ignore[operator]
         elif size.__class__ is not int or size < 0:  # the exact check first: it is the cheap one
             size = check_int("size", size, 0, "bytes the release frees")
         if self._pending is not None and release is not call_no_arg:  # defer(fn) may run fn twice

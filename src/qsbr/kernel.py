@@ -1,7 +1,7 @@
 """Which kernel this process runs on: the C twin or the pure-Python one.
 
 The kernel (wr_seq, the threads' seqs, quiescent(), attach/detach, the read
-sections and the scan's loads) comes in two twins of identical behaviour:
+sections, the scan's loads and the loop that runs releases) comes in two twins of identical behaviour:
 ``qsbr._kernel``, a C extension built at install time where a compiler was
 available, and ``qsbr._pykernel``, pure Python, the reference and the
 fallback. The choice is made once, at import:
@@ -28,6 +28,7 @@ __all__ = [
     "ReadSection",
     "DetachedSection",
     "scan_slots",
+    "run_entries",
     "specialize",
     "MAX_DEPTH",
     "native_error",
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         ReadSection,
         ThreadCore,
         ThreadHandle,
+        run_entries,
         scan_slots,
         specialize,
     )
@@ -64,6 +66,7 @@ elif _pure_requested():
         ReadSection,
         ThreadCore,
         ThreadHandle,
+        run_entries,
         scan_slots,
         specialize,
     )
@@ -79,6 +82,7 @@ else:
             ReadSection,
             ThreadCore,
             ThreadHandle,
+            run_entries,
             scan_slots,
             specialize,
         )
@@ -90,6 +94,7 @@ else:
             ReadSection,
             ThreadCore,
             ThreadHandle,
+            run_entries,
             scan_slots,
             specialize,
         )

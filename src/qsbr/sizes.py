@@ -9,7 +9,10 @@ behind it (a model, a table of objects).
 
 Which rule applies depends only on the type, so it is worked out once per
 type and cached as the function to call (``sizer_of``): the retire path
-then costs one dict lookup and one call.
+then costs one dict lookup and one call. Where ``getsizeof`` cannot vary
+between instances (the type has no ``__sizeof__`` of its own and no
+variable-length part, and is not a metaclass), the cache holds the size
+itself, an ``int``, and the retire path makes no call at all.
 """
 
 from __future__ import annotations
@@ -35,13 +38,28 @@ def _by_len(obj: Any) -> int:
         return 0
 
 
-#: type -> the function that sizes its instances (filled by sizer_of).
-SIZERS: dict[type, Sizer] = {}
+#: type -> the function that sizes its instances, or their one size as an
+#: int (filled by sizer_of and estimate_size; the C kernel reads it too).
+SIZERS: dict[type, Sizer | int] = {}
+
+
+def _fixed_size(t: type) -> bool:
+    """Whether sys.getsizeof gives every instance of ``t`` the same answer:
+    object.__sizeof__ (tp_basicsize, plus a per-type part on 3.13), no
+    items, and no per-object GC test (only metaclasses have one)."""
+    return (
+        getattr(t, "__sizeof__", None) is object.__sizeof__
+        and getattr(t, "__itemsize__", 1) == 0
+        and not issubclass(t, type)
+    )
 
 
 def sizer_of(t: type) -> Sizer:
-    """The sizing rule for instances of ``t`` (cached in SIZERS)."""
+    """The sizing rule for instances of ``t`` (cached in SIZERS, where a
+    fixed size may stand for it: see estimate_size)."""
     sizer = SIZERS.get(t)
+    if sizer.__class__ is int:
+        return sys.getsizeof
     if sizer is None:
         if isinstance(getattr(t, "nbytes", None), (property, type(memoryview.nbytes))):
             sizer = _by_nbytes
@@ -50,10 +68,20 @@ def sizer_of(t: type) -> Sizer:
         else:
             sizer = sys.getsizeof
         SIZERS[t] = sizer
-    return sizer
+    return sizer  # type: ignore[return-value]
 
 
 def estimate_size(obj: Any) -> int:
     """retire()'s default size: ``obj.nbytes`` for buffers (memoryview,
     numpy/array-like objects), ``len()`` for mmaps, else sys.getsizeof."""
-    return sizer_of(type(obj))(obj)
+    t = type(obj)
+    sizer = SIZERS.get(t)
+    if sizer.__class__ is int:
+        return sizer
+    if sizer is None:
+        sizer = sizer_of(t)
+        if sizer is sys.getsizeof and _fixed_size(t):
+            size: int = sizer(obj)
+            SIZERS[t] = size  # every instance has this size: no call next time
+            return size
+    return sizer(obj)  # type: ignore[operator]
