@@ -41,6 +41,33 @@ def test_size_estimates() -> None:
     assert qsbr.estimate_size(object()) == sys.getsizeof(object())
 
 
+def test_a_type_of_one_size_is_sized_once_and_others_every_time() -> None:
+    """sizes.py: where sys.getsizeof cannot differ between instances, the
+    cache holds the size itself; a variable size is measured every time."""
+    from qsbr.sizes import SIZERS
+
+    class Plain:
+        pass
+
+    class OwnSize:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __sizeof__(self) -> int:
+            return self.n
+
+    assert qsbr.estimate_size(Plain()) == sys.getsizeof(Plain())
+    assert SIZERS[Plain] == sys.getsizeof(Plain())
+    assert (qsbr.estimate_size(OwnSize(100)), qsbr.estimate_size(OwnSize(200))) == (
+        sys.getsizeof(OwnSize(100)),
+        sys.getsizeof(OwnSize(200)),
+    )
+    assert callable(SIZERS[OwnSize])
+    assert qsbr.estimate_size(b"x" * 10) != qsbr.estimate_size(b"x" * 1000)  # items: not fixed
+    assert qsbr.estimate_size(type("T", (), {})) == sys.getsizeof(type("T", (), {}))
+    assert not isinstance(SIZERS.get(type), int)
+
+
 def test_pending_bytes_follow_retire_and_release(domain: qsbr.Domain, worker: Worker) -> None:
     domain.register()
     worker.call(domain.register)  # an attached reader holds everything back

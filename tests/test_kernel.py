@@ -171,6 +171,41 @@ def test_run_entries_agrees_on_both_twins(twin: ModuleType) -> None:
     assert twin.run_entries([], on_error) == (0, 0, 0, None)
 
 
+@pytest.mark.parametrize("twin", TWINS)
+def test_grace_timing_agrees_on_both_twins(twin: ModuleType) -> None:
+    """The records of advances (timing.py): what stall reports and the grace
+    period statistics read, the same on both twins, KEPT included."""
+    import time
+
+    t = twin.GraceTiming()
+    assert (t.current(1), t.advanced_past(1), t.longest, t.outstanding) == (0.0, None, 0.0, 0)
+    before = time.monotonic()
+    for seq in (3, 5, 7):
+        t.advanced(seq)
+    after = time.monotonic()
+    assert t.outstanding == 3
+    first = t.advanced_past(1)
+    assert first is not None and before <= first <= after  # time.monotonic()'s clock
+    assert t.advanced_past(2) == first and t.advanced_past(5) >= first
+    assert t.advanced_past(7) is None
+    assert t.current(1) >= 0.0 and t.current(7) == 0.0
+    time.sleep(0.02)
+    t.covered(5)
+    assert t.outstanding == 1 and t.longest >= 0.02
+    t.covered(5)  # nothing more covered: nothing changes
+    assert t.outstanding == 1
+    t.covered(7)
+    assert t.outstanding == 0 and t.current(7) == 0.0
+    for i in range(5000):  # past KEPT outstanding, advances are not timed
+        t.advanced(9 + 2 * i)
+    assert t.outstanding == 4096
+    assert t.advanced_past(9 + 2 * 4096) is None
+    t.covered(1 << 40)
+    assert t.outstanding == 0
+    t.advanced(1 << 41)  # room again after everything was covered
+    assert t.outstanding == 1
+
+
 @pytest.mark.parametrize("kind", ["attached", "detached"])
 def test_sections_nest_at_most_max_depth_and_an_unmatched_exit_raises(domain: qsbr.Domain, kind: str) -> None:
     """The same limits and errors on both twins (this runs on each)."""
@@ -408,12 +443,19 @@ def test_domain_has_its_own_c_methods_and_subclasses_still_work() -> None:
         kernel.specialize(int)
 
 
-def test_retire_fast_path_does_what_the_python_path_does() -> None:
-    """retire() (on the C kernel, its fast path: _kernel.c, I6) and
+def test_retire_fast_path_does_what_the_python_path_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """retire() (on the C kernel, its fast path: _kernel.c, I6, I7, I8) and
     Domain._retire_python, fed the same calls on two identical domains,
-    leave identical goals, entries, counters and backlogs. On the pure
-    kernel retire is _retire_python itself, and this holds trivially."""
+    leave identical goals, entries, counters, skipped polls, timing records
+    and backlogs. On the pure kernel retire is _retire_python itself, and
+    this holds trivially."""
     import array
+
+    import qsbr.domain
+
+    # Skipped polls depend on the clock (a full poll is due 1 ms after the
+    # last): a long interval keeps the two domains' calls in step.
+    monkeypatch.setattr(qsbr.domain, "PINNED_POLL_NS", 60 * 10**9)
 
     a = qsbr.Domain(deferred_limit=4, deferred_bytes=100)
     b = qsbr.Domain(deferred_limit=4, deferred_bytes=100)
@@ -442,7 +484,11 @@ def test_retire_fast_path_does_what_the_python_path_does() -> None:
                 sb.listed,
             )
             assert sa.deferred == sb.deferred
+            assert (sa.pinned_seq, sa.poll_due != 0) == (sb.pinned_seq, sb.poll_due != 0)
             assert a.wr_seq == b.wr_seq and a.pending == b.pending and a.pending_bytes == b.pending_bytes
+            ta, tb = a.stats(), b.stats()
+            assert (ta.advances, ta.polls, ta.failed_polls) == (tb.advances, tb.polls, tb.failed_polls)
+            assert a._timing.outstanding == b._timing.outstanding
         assert released == []  # a lone thread's plain polls keep what it may still hold
         # Errors are the Python path's.
         for bad in ({"size": -1}, {"size": 1.5}, {"size": True}):
@@ -469,6 +515,46 @@ def test_retire_fast_path_does_what_the_python_path_does() -> None:
         return "did not raise"
 
     assert _in_thread(other_thread) == "raised"
+
+
+def test_retire_skips_polls_that_cannot_find_anything_and_counts_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer that retires many objects between two quiescent states holds
+    rd_seq where its own seq is: its polls from retire() are skipped (each
+    counted as a failed poll, without a scan) until its next quiescent
+    state, or until a full poll is due (PINNED_POLL_NS after the last)."""
+    import qsbr.domain
+
+    monkeypatch.setattr(qsbr.domain, "PINNED_POLL_NS", 60 * 10**9)
+    released: list[int] = []
+    d = qsbr.Domain(deferred_limit=2)
+    d.register()
+    try:
+        for i in range(20):
+            d.retire(i, released.append, size=1)
+        s = d.stats()
+        assert (s.advances, s.polls, s.failed_polls) == (10, 10, 10)
+        assert d._skipped_polls == 9  # only the first poll ran: the other nine were skipped
+        assert released == [] and d.pending == 20
+        d.quiescent()  # a new seq: the next poll is a full one, and finds work
+        d.retire(20, released.append, size=1)
+        d.retire(21, released.append, size=1)
+        assert released == list(range(20))
+        assert d._skipped_polls == 9
+        # With no interval every poll is a full one again.
+        monkeypatch.setattr(qsbr.domain, "PINNED_POLL_NS", 0)
+        d.quiescent()
+        d.retire(22, released.append, size=1)
+        d.retire(23, released.append, size=1)  # an advance: a full poll, due again at once
+        before, skipped = d.stats(), d._skipped_polls
+        for i in range(24, 34):
+            d.retire(i, released.append, size=1)
+        after = d.stats()
+        assert after.polls - before.polls == 5 and d._skipped_polls == skipped
+        assert d.barrier(10) and released == list(range(34))
+    finally:
+        d.unregister()
 
 
 def test_retire_takes_the_python_path_for_caps_debug_and_mutants() -> None:

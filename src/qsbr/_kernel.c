@@ -19,12 +19,13 @@
  *                    method specializes only for the method's exact type)
  *   ReadSection      `with domain.attached():` (levels as bits of a uint64)
  *   DetachedSection  `with domain.detached():`
+ *   GraceTiming      the times of the advances rd_seq has not reached (I8)
  * and scan_slots(), the loads of one step of the rd_seq scan, and
  * run_entries(), the loop that runs a batch's releases (deferred.py).
  *
  * Invariants (the design's, kept here):
- *   I1. wr_seq starts at 1 and only _advance_wr_seq() changes it, by +2
- *       (an atomic RMW): it is odd and never decreases.
+ *   I1. wr_seq starts at 1 and only advance() changes it, by +2 (an
+ *       atomic RMW): it is odd and never decreases.
  *   I2. A ThreadCore's seq is written by its own thread (quiescent, attach,
  *       detach, the sections), except the 0 stored when it is unregistered
  *       (its own thread, or, after fork or at thread exit, whoever repairs).
@@ -54,6 +55,19 @@
  *       of an entry are appended in one PyList_SetSlice, atomic with respect
  *       to pollers on both builds (they take prefixes of whole entries), and
  *       the bytes are counted before the append (pending bytes never < 0).
+ *   I7. retire() skips the poll of its advance (counting it as a failed
+ *       poll) when it cannot find anything: the caller is attached, its seq
+ *       is the pinned_seq its last poll from retire() recorded, and so
+ *       seq <= rd_seq. rd_seq is a minimum over attached threads, the
+ *       caller among them, so no scan can move it until the caller's next
+ *       quiescent state, and every entry with goal <= rd_seq was taken by
+ *       the poll that published it. A full poll still runs once poll_due
+ *       has passed (1 ms: stall checks, releases a KeyboardInterrupt put
+ *       back). Domain._after_advance holds the Python twin of the test.
+ *   I8. advance() adds 2 to wr_seq and records (new wr_seq, time) in the
+ *       domain's GraceTiming in one critical section (the timing's mutex on
+ *       free-threaded builds; the GIL otherwise, as nothing in it calls
+ *       Python), so the records are in advance order: ascending.
  *
  * No GIL is assumed: on free-threaded builds every field shared between
  * threads is a C11 atomic, and the module declares Py_MOD_GIL_NOT_USED.
@@ -74,12 +88,12 @@ typedef struct {
     PyTypeObject *ThreadHandle_type;
     PyTypeObject *ReadSection_type;
     PyTypeObject *DetachedSection_type;
+    PyTypeObject *GraceTiming_type;
     PyObject *unregistered_handle_error;  /* qsbr.errors.unregistered_handle_error */
     /* Interned names of the Python methods the slow paths call: made once,
      * so that no call allocates a name. */
     PyObject *str_thread_core;
     PyObject *str_state;
-    PyObject *str_advance;
     PyObject *str_after_advance;
     PyObject *str_retire_python;
 } kernel_state;
@@ -94,6 +108,32 @@ get_kernel_state(PyObject *module)
 
 /* -- objects ------------------------------------------------------------ */
 
+/* The times of the advances rd_seq has not reached (qsbr/timing.py says what
+ * they answer). I8: seqs[start:end] is ascending and every record is made
+ * together with its advance: on free-threaded builds under `mutex`, with the
+ * GIL by holding it (nothing in a critical section calls into Python or
+ * releases it). At most KEPT records: later advances are not timed. */
+typedef struct {
+    PyObject_HEAD
+#ifdef Py_GIL_DISABLED
+    PyMutex mutex;
+#endif
+    int64_t *seqs;           /* wr_seq values */
+    double *times;           /* time.monotonic() of each */
+    Py_ssize_t start, end, cap;
+    double longest;          /* seconds: the longest grace period that has ended */
+} GraceTiming;
+
+#define TIMING_KEPT 4096
+
+#ifdef Py_GIL_DISABLED
+#define TIMING_LOCK(t) PyMutex_Lock(&(t)->mutex)
+#define TIMING_UNLOCK(t) PyMutex_Unlock(&(t)->mutex)
+#else
+#define TIMING_LOCK(t) ((void)(t))
+#define TIMING_UNLOCK(t) ((void)(t))
+#endif
+
 typedef struct {
     PyObject_HEAD
     _Atomic int64_t wr_seq;  /* I1 */
@@ -105,6 +145,9 @@ typedef struct {
     int64_t deferred_limit;
     int64_t deferred_bytes;
     PyObject *sizers;        /* sizes.SIZERS: type -> sizer */
+    _Atomic int64_t skipped_polls;  /* I7: polls retire() skipped (a statistic: relaxed) */
+    _Atomic int64_t advances;       /* advance() calls (a statistic: relaxed) */
+    GraceTiming *timing;     /* advance() records into it (I8); set once by _configure */
 } DomainCore;
 
 typedef struct {
@@ -121,6 +164,17 @@ typedef struct {
     _Atomic int64_t retired_bytes;
     _Atomic int listed;
     PyObject *deferred;      /* the flat deferred-free list [goal, fn, arg, size, ...] */
+    /* I7, written and read by the owning thread only (Domain._after_advance
+     * and the fast path): the seq with which its last poll from retire()
+     * found rd_seq held where that seq holds it (0: none), and when
+     * (monotonic ns) a poll is due however pinned rd_seq looks. */
+    long long pinned_seq;
+    long long poll_due;
+    /* The goal retire() handed out last, as an int object, and its value:
+     * many retirements share a goal (wr_seq + 2 until the next advance), so
+     * the fast path hands out one object for them. Owner thread only. */
+    PyObject *goal_obj;
+    int64_t goal_val;
 } ThreadCore;
 
 typedef struct {
@@ -212,6 +266,23 @@ set_int64(PyObject *value, int64_t *out, const char *name)
     }
     *out = (int64_t)v;
     return 0;
+}
+
+/* time.monotonic_ns(): the same clock. INT64_MAX if it cannot be read (then
+ * nothing is skipped). */
+static inline int64_t
+monotonic_ns(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t t;
+    if (PyTime_MonotonicRaw(&t) < 0) {
+        PyErr_Clear();
+        return INT64_MAX;
+    }
+    return (int64_t)t;
+#else
+    return (int64_t)_PyTime_GetMonotonicClock();
+#endif
 }
 
 static int
@@ -330,6 +401,262 @@ peek_state(DomainCore *d)
     return core;
 }
 
+/* -- GraceTiming ---------------------------------------------------------- */
+
+static inline double
+monotonic_seconds(void)
+{
+    return (double)monotonic_ns() / 1e9;
+}
+
+/* Record (seq, now); the caller holds the timing's lock (I8). A record that
+ * does not fit (KEPT reached, or no memory) is not made: that advance is not
+ * timed, as the Python twin's KEPT rule says. */
+static void
+timing_record_locked(GraceTiming *t, int64_t seq, double now)
+{
+    if (t->end - t->start >= TIMING_KEPT) {
+        return;
+    }
+    if (t->end == t->cap) {
+        if (t->start > 0) {  /* slide the live records down */
+            Py_ssize_t n = t->end - t->start;
+            memmove(t->seqs, t->seqs + t->start, (size_t)n * sizeof(int64_t));
+            memmove(t->times, t->times + t->start, (size_t)n * sizeof(double));
+            t->start = 0;
+            t->end = n;
+        }
+        else {
+            Py_ssize_t cap = t->cap == 0 ? 16 : t->cap * 2;
+            if (cap > TIMING_KEPT) {
+                cap = TIMING_KEPT;
+            }
+            int64_t *seqs = PyMem_RawRealloc(t->seqs, (size_t)cap * sizeof(int64_t));
+            if (seqs == NULL) {
+                return;
+            }
+            t->seqs = seqs;
+            double *times = PyMem_RawRealloc(t->times, (size_t)cap * sizeof(double));
+            if (times == NULL) {
+                return;
+            }
+            t->times = times;
+            t->cap = cap;
+        }
+    }
+    t->seqs[t->end] = seq;
+    t->times[t->end] = now;
+    t->end++;
+}
+
+/* The index of the first record with seq > value (bisect_right). */
+static Py_ssize_t
+timing_bisect_locked(GraceTiming *t, int64_t value)
+{
+    Py_ssize_t lo = t->start, hi = t->end;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (t->seqs[mid] <= value) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+static PyObject *
+GraceTiming_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "GraceTiming() takes no arguments");
+        return NULL;
+    }
+    GraceTiming *self = (GraceTiming *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->seqs = NULL;
+    self->times = NULL;
+    self->start = self->end = self->cap = 0;
+    self->longest = 0.0;
+    return (PyObject *)self;
+}
+
+static void
+GraceTiming_dealloc(GraceTiming *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyMem_RawFree(self->seqs);
+    PyMem_RawFree(self->times);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+GraceTiming_advanced(GraceTiming *self, PyObject *arg)
+{
+    int64_t seq;
+    if (check_seq_value(arg, &seq) < 0) {
+        return NULL;
+    }
+    TIMING_LOCK(self);
+    timing_record_locked(self, seq, monotonic_seconds());  /* in advance order (I8) */
+    TIMING_UNLOCK(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+GraceTiming_covered(GraceTiming *self, PyObject *arg)
+{
+    int64_t rd;
+    if (check_seq_value(arg, &rd) < 0) {
+        return NULL;
+    }
+    double now = monotonic_seconds();
+    TIMING_LOCK(self);
+    if (self->start < self->end && self->seqs[self->start] <= rd) {
+        double took = now - self->times[self->start];  /* the oldest took longest */
+        if (took > self->longest) {
+            self->longest = took;
+        }
+        self->start = timing_bisect_locked(self, rd);
+        if (self->start == self->end) {
+            self->start = self->end = 0;
+        }
+    }
+    TIMING_UNLOCK(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+GraceTiming_advanced_past(GraceTiming *self, PyObject *arg)
+{
+    int64_t seq;
+    if (check_seq_value(arg, &seq) < 0) {
+        return NULL;
+    }
+    TIMING_LOCK(self);
+    Py_ssize_t i = timing_bisect_locked(self, seq);
+    int found = i < self->end;
+    double when = found ? self->times[i] : 0.0;
+    TIMING_UNLOCK(self);
+    if (!found) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(when);
+}
+
+static PyObject *
+GraceTiming_current(GraceTiming *self, PyObject *arg)
+{
+    int64_t rd;
+    if (check_seq_value(arg, &rd) < 0) {
+        return NULL;
+    }
+    double now = monotonic_seconds();
+    TIMING_LOCK(self);
+    double age = self->start < self->end && self->seqs[self->start] > rd ? now - self->times[self->start] : 0.0;
+    TIMING_UNLOCK(self);
+    return PyFloat_FromDouble(age);
+}
+
+static PyObject *
+GraceTiming_new_locks(GraceTiming *self, PyObject *Py_UNUSED(factory))
+{
+    (void)self;  /* this twin's lock is not a Python lock: nothing to replace */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+GraceTiming_after_fork_in_child(GraceTiming *self, PyObject *Py_UNUSED(ignored))
+{
+#ifdef Py_GIL_DISABLED
+    /* Only the forking thread survives; whoever held the lock is gone. */
+    memset(&self->mutex, 0, sizeof(self->mutex));
+#endif
+    (void)self;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+GraceTiming_get_longest(GraceTiming *self, void *Py_UNUSED(closure))
+{
+    TIMING_LOCK(self);
+    double v = self->longest;
+    TIMING_UNLOCK(self);
+    return PyFloat_FromDouble(v);
+}
+
+static PyObject *
+GraceTiming_len(GraceTiming *self, void *Py_UNUSED(closure))
+{
+    TIMING_LOCK(self);
+    Py_ssize_t n = self->end - self->start;
+    TIMING_UNLOCK(self);
+    return PyLong_FromSsize_t(n);
+}
+
+static PyMethodDef GraceTiming_methods[] = {
+    {"advanced", (PyCFunction)GraceTiming_advanced, METH_O,
+     "advanced($self, wr_seq, /)\n--\n\n"
+     "wr_seq was just advanced to `wr_seq` (called in advance order)."},
+    {"covered", (PyCFunction)GraceTiming_covered, METH_O,
+     "covered($self, rd_seq, /)\n--\n\n"
+     "rd_seq moved forward to `rd_seq`: the advances up to it have ended."},
+    {"advanced_past", (PyCFunction)GraceTiming_advanced_past, METH_O,
+     "advanced_past($self, seq, /)\n--\n\n"
+     "When wr_seq first advanced past `seq` (None: not remembered)."},
+    {"current", (PyCFunction)GraceTiming_current, METH_O,
+     "current($self, rd_seq, /)\n--\n\n"
+     "Seconds since the oldest advance rd_seq has not reached (0 if none)."},
+    {"new_locks", (PyCFunction)GraceTiming_new_locks, METH_O,
+     "new_locks($self, factory, /)\n--\n\nNothing to do: this twin's lock is C's."},
+    {"after_fork_in_child", (PyCFunction)GraceTiming_after_fork_in_child, METH_NOARGS,
+     "after_fork_in_child($self, /)\n--\n\nThe lock, fresh."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef GraceTiming_getset[] = {
+    {"longest", (getter)GraceTiming_get_longest, NULL, "seconds: the longest grace period that has ended",
+     NULL},
+    {"outstanding", (getter)GraceTiming_len, NULL, "how many advances are remembered", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot GraceTiming_slots[] = {
+    {Py_tp_doc, "The times of the advances rd_seq has not reached yet (qsbr/timing.py)."},
+    {Py_tp_new, GraceTiming_new},
+    {Py_tp_dealloc, GraceTiming_dealloc},
+    {Py_tp_methods, GraceTiming_methods},
+    {Py_tp_getset, GraceTiming_getset},
+    {0, NULL},
+};
+
+static PyType_Spec GraceTiming_spec = {
+    .name = "qsbr._kernel.GraceTiming",
+    .basicsize = sizeof(GraceTiming),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = GraceTiming_slots,
+};
+
+/* advance(): wr_seq += 2 and its record, together (I1, I8). */
+static int64_t
+advance_and_record(DomainCore *d)
+{
+    GraceTiming *t = d->timing;
+    TIMING_LOCK(t);
+    /* I1: an atomic RMW, seq_cst: concurrent advances add up, and the new
+     * value is ordered after the caller's unlinks. Under the timing's lock
+     * so that records are made in advance order (I8). */
+    int64_t new = atomic_fetch_add_explicit(&d->wr_seq, 2, memory_order_seq_cst) + 2;
+    atomic_fetch_add_explicit(&d->advances, 1, memory_order_relaxed);
+    timing_record_locked(t, new, monotonic_seconds());
+    TIMING_UNLOCK(t);
+    return new;
+}
+
 /* -- DomainCore ---------------------------------------------------------- */
 
 static PyObject *
@@ -340,6 +667,9 @@ DomainCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSE
         return NULL;
     }
     atomic_init(&self->wr_seq, 1);
+    atomic_init(&self->skipped_polls, 0);
+    atomic_init(&self->advances, 0);
+    self->timing = NULL;
     self->serial = atomic_fetch_add_explicit(&next_serial, 1, memory_order_relaxed);
     self->tls = NULL;
     self->retire_fast = 0;
@@ -355,6 +685,7 @@ DomainCore_traverse(DomainCore *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->tls);
     Py_VISIT(self->sizers);
+    Py_VISIT(self->timing);
     return 0;
 }
 
@@ -363,6 +694,7 @@ DomainCore_clear(DomainCore *self)
 {
     Py_CLEAR(self->tls);
     Py_CLEAR(self->sizers);
+    Py_CLEAR(self->timing);
     return 0;
 }
 
@@ -435,20 +767,44 @@ DomainCore_detached(DomainCore *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-DomainCore_advance_wr_seq(DomainCore *self, PyObject *Py_UNUSED(ignored))
+DomainCore_advance(DomainCore *self, PyObject *Py_UNUSED(ignored))
 {
-    /* I1: an atomic RMW, seq_cst: concurrent advances add up, and the new
-     * value is ordered after the caller's unlinks. */
-    int64_t new = atomic_fetch_add_explicit(&self->wr_seq, 2, memory_order_seq_cst) + 2;
-    return PyLong_FromLongLong(new);
+    if (self->timing == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "advance() before _configure_retire() (Domain.__init__)");
+        return NULL;
+    }
+    return PyLong_FromLongLong(advance_and_record(self));
 }
 
 static PyObject *
-DomainCore_configure_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargs)
+DomainCore_get_advances(DomainCore *self, void *Py_UNUSED(closure))
 {
-    if (nargs != 4 || !PyDict_CheckExact(args[3])) {
+    return PyLong_FromLongLong(atomic_load_explicit(&self->advances, memory_order_relaxed));
+}
+
+static PyObject *
+DomainCore_count_skipped_poll(DomainCore *self, PyObject *Py_UNUSED(ignored))
+{
+    atomic_fetch_add_explicit(&self->skipped_polls, 1, memory_order_relaxed);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+DomainCore_get_skipped_polls(DomainCore *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(atomic_load_explicit(&self->skipped_polls, memory_order_relaxed));
+}
+
+static PyObject *
+DomainCore_configure(DomainCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    kernel_state *ks = state_of((PyObject *)self);
+    if (ks == NULL) {
+        return NULL;
+    }
+    if (nargs != 5 || !PyDict_CheckExact(args[3]) || !Py_IS_TYPE(args[4], ks->GraceTiming_type)) {
         PyErr_SetString(PyExc_TypeError,
-                        "_configure_retire(fast, deferred_limit, deferred_bytes, sizers: dict)");
+                        "_configure(fast, deferred_limit, deferred_bytes, sizers: dict, timing: GraceTiming)");
         return NULL;
     }
     int fast = PyObject_IsTrue(args[0]);
@@ -463,9 +819,14 @@ DomainCore_configure_retire(DomainCore *self, PyObject *const *args, Py_ssize_t 
     if (nbytes == -1 && PyErr_Occurred()) {
         return NULL;
     }
+    if (self->timing != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_configure() runs once (Domain.__init__)");
+        return NULL;
+    }
     self->deferred_limit = limit;
     self->deferred_bytes = nbytes;
     Py_XSETREF(self->sizers, Py_NewRef(args[3]));
+    self->timing = (GraceTiming *)Py_NewRef(args[4]);
     self->retire_fast = fast;
     Py_RETURN_NONE;
 }
@@ -486,6 +847,30 @@ retire_python(DomainCore *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     PyObject *result = PyObject_Vectorcall(method, args, nargs, kwnames);
     Py_DECREF(method);
     return result;
+}
+
+/* `goal` as an int object, the one handed out last when it is the same. */
+static PyObject *
+goal_object(ThreadCore *st, int64_t goal)
+{
+    if (st->goal_obj != NULL && st->goal_val == goal) {
+        return Py_NewRef(st->goal_obj);
+    }
+    PyObject *g = PyLong_FromLongLong(goal);
+    if (g == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(st->goal_obj, Py_NewRef(g));
+    st->goal_val = goal;
+    return g;
+}
+
+/* I7: whether the poll after this thread's advance cannot find anything. */
+static inline int
+poll_is_pinned(ThreadCore *st)
+{
+    int64_t seq = load_seq(st);
+    return seq != 0 && seq == st->pinned_seq && monotonic_ns() < st->poll_due;
 }
 
 static PyObject *
@@ -581,13 +966,12 @@ DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, Py
     if (n < self->deferred_limit && retired - st->bytes_at_advance <= self->deferred_bytes) {
         st->deferrals = n;
         /* I3: the caller's unlink precedes this acquire load in program order. */
-        goal = PyLong_FromLongLong(load_wr_seq(self) + 2);
+        goal = goal_object(st, load_wr_seq(self) + 2);
     }
     else {
         st->deferrals = 0;
         st->bytes_at_advance = retired;
-        kernel_state *ks = state_of((PyObject *)self);
-        goal = ks == NULL ? NULL : PyObject_CallMethodNoArgs((PyObject *)self, ks->str_advance);
+        goal = goal_object(st, advance_and_record(self));  /* retire_fast: advance() is ours */
         advanced = 1;
     }
     if (goal == NULL) {
@@ -613,7 +997,10 @@ DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, Py
         Py_DECREF(goal);
         return NULL;
     }
-    if (advanced) {  /* every deferred_limit-th retirement: process now */
+    if (advanced && poll_is_pinned(st)) {  /* I7 */
+        atomic_fetch_add_explicit(&self->skipped_polls, 1, memory_order_relaxed);
+    }
+    else if (advanced) {  /* every deferred_limit-th retirement: process now */
         kernel_state *ks = state_of((PyObject *)self);
         PyObject *r = ks == NULL ? NULL
                                  : PyObject_CallMethodOneArg((PyObject *)self, ks->str_after_advance,
@@ -676,18 +1063,24 @@ static PyMethodDef DomainCore_methods[] = {
      "retire($self, obj, release, *, size=None)\n--\n\n"
      "Schedule release(obj) for when no thread can still hold obj. Call it after\n"
      "obj is unlinked. Returns the goal (see docs/api.md)."},
-    {"_configure_retire", (PyCFunction)(void (*)(void))DomainCore_configure_retire, METH_FASTCALL,
-     "_configure_retire($self, fast, deferred_limit, deferred_bytes, sizers, /)\n--\n\n"
-     "Set retire()'s fast path up (Domain.__init__)."},
-    {"_advance_wr_seq", (PyCFunction)DomainCore_advance_wr_seq, METH_NOARGS,
-     "_advance_wr_seq($self, /)\n--\n\n"
-     "wr_seq += 2 (atomically); returns the new wr_seq."},
+    {"_configure", (PyCFunction)(void (*)(void))DomainCore_configure, METH_FASTCALL,
+     "_configure($self, fast, deferred_limit, deferred_bytes, sizers, timing, /)\n--\n\n"
+     "Set advance() and retire()'s fast path up (Domain.__init__, once)."},
+    {"advance", (PyCFunction)DomainCore_advance, METH_NOARGS,
+     "advance($self, /)\n--\n\n"
+     "wr_seq += 2; returns the new wr_seq (recorded with its time: timing.py)."},
+    {"_count_skipped_poll", (PyCFunction)DomainCore_count_skipped_poll, METH_NOARGS,
+     "_count_skipped_poll($self, /)\n--\n\n"
+     "Count a poll that retire() skipped (I7)."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef DomainCore_getset[] = {
     {"_wr_seq", (getter)DomainCore_get_wr_seq, NULL, "wr_seq, loaded with acquire order", NULL},
     {"_tls", (getter)DomainCore_get_tls, (setter)DomainCore_set_tls, "the domain's threading.local", NULL},
+    {"_advances", (getter)DomainCore_get_advances, NULL, "advance() calls so far", NULL},
+    {"_skipped_polls", (getter)DomainCore_get_skipped_polls, NULL,
+     "polls retire() skipped because they could find nothing (I7)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -724,6 +1117,10 @@ ThreadCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSE
     self->detached_section = NULL;
     self->deferrals = 0;
     self->bytes_at_advance = 0;
+    self->pinned_seq = 0;
+    self->poll_due = 0;
+    self->goal_obj = NULL;
+    self->goal_val = 0;
     atomic_init(&self->retired_bytes, 0);
     atomic_init(&self->listed, 0);
     self->deferred = NULL;  /* ThreadState.__init__ sets it, as for the pure twin */
@@ -746,6 +1143,7 @@ ThreadCore_clear(ThreadCore *self)
     Py_CLEAR(self->read_section);
     Py_CLEAR(self->detached_section);
     Py_CLEAR(self->deferred);
+    Py_CLEAR(self->goal_obj);
     return 0;
 }
 
@@ -944,6 +1342,10 @@ static PyMemberDef ThreadCore_members[] = {
     {"read_section", T_OBJECT_EX, offsetof(ThreadCore, read_section), 0, "the thread's ReadSection"},
     {"detached_section", T_OBJECT_EX, offsetof(ThreadCore, detached_section), 0,
      "the thread's DetachedSection"},
+    {"pinned_seq", T_LONGLONG, offsetof(ThreadCore, pinned_seq), 0,
+     "the seq with which this thread's last poll from retire() found rd_seq pinned (I7)"},
+    {"poll_due", T_LONGLONG, offsetof(ThreadCore, poll_due), 0,
+     "time.monotonic_ns() past which retire() polls however pinned rd_seq looks (I7)"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1662,7 +2064,8 @@ kernel_exec(PyObject *module)
         || add_type(module, &ThreadCore_spec, NULL, &ks->ThreadCore_type) < 0
         || add_type(module, &ThreadHandle_spec, NULL, &ks->ThreadHandle_type) < 0
         || add_type(module, &ReadSection_spec, NULL, &ks->ReadSection_type) < 0
-        || add_type(module, &DetachedSection_spec, NULL, &ks->DetachedSection_type) < 0) {
+        || add_type(module, &DetachedSection_spec, NULL, &ks->DetachedSection_type) < 0
+        || add_type(module, &GraceTiming_spec, NULL, &ks->GraceTiming_type) < 0) {
         return -1;
     }
     if (PyModule_AddIntConstant(module, "MAX_DEPTH", MAX_DEPTH) < 0) {
@@ -1679,7 +2082,6 @@ kernel_exec(PyObject *module)
     }
     if ((ks->str_thread_core = PyUnicode_InternFromString("_thread_core")) == NULL
         || (ks->str_state = PyUnicode_InternFromString("state")) == NULL
-        || (ks->str_advance = PyUnicode_InternFromString("advance")) == NULL
         || (ks->str_after_advance = PyUnicode_InternFromString("_after_advance")) == NULL
         || (ks->str_retire_python = PyUnicode_InternFromString("_retire_python")) == NULL) {
         return -1;
@@ -1696,10 +2098,10 @@ kernel_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(ks->ThreadHandle_type);
     Py_VISIT(ks->ReadSection_type);
     Py_VISIT(ks->DetachedSection_type);
+    Py_VISIT(ks->GraceTiming_type);
     Py_VISIT(ks->unregistered_handle_error);
     Py_VISIT(ks->str_thread_core);
     Py_VISIT(ks->str_state);
-    Py_VISIT(ks->str_advance);
     Py_VISIT(ks->str_after_advance);
     Py_VISIT(ks->str_retire_python);
     return 0;
@@ -1714,10 +2116,10 @@ kernel_clear(PyObject *module)
     Py_CLEAR(ks->ThreadHandle_type);
     Py_CLEAR(ks->ReadSection_type);
     Py_CLEAR(ks->DetachedSection_type);
+    Py_CLEAR(ks->GraceTiming_type);
     Py_CLEAR(ks->unregistered_handle_error);
     Py_CLEAR(ks->str_thread_core);
     Py_CLEAR(ks->str_state);
-    Py_CLEAR(ks->str_advance);
     Py_CLEAR(ks->str_after_advance);
     Py_CLEAR(ks->str_retire_python);
     return 0;

@@ -31,6 +31,9 @@ CPython performs atomically on both builds, in program order (docs/design.md,
 from __future__ import annotations
 
 import threading
+import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +49,12 @@ __all__ = [
     "ReadSection",
     "DetachedSection",
     "scan_slots",
-    "run_entries",
     "specialize",
     "MAX_DEPTH",
     "Sink",
     "UNREGISTERED",
+    "GraceTiming",
+    "run_entries",
 ]
 
 #: How deep sections of one kind nest (the C twin keeps the levels in 64 bits).
@@ -84,16 +88,92 @@ class _Unregistered:
 UNREGISTERED = _Unregistered()
 
 
+class GraceTiming:
+    """The times of the advances rd_seq has not reached yet (timing.py)."""
+
+    #: Advances remembered; past this many outstanding (rd_seq far behind),
+    #: later ones are not timed. Bounds the memory a stalled thread can make
+    #: this part use.
+    KEPT = 4096
+
+    __slots__ = ("_lock", "_seqs", "_times", "longest")
+
+    # Invariant: _seqs is sorted (advances are recorded under the domain's
+    # lock, in advance order: DomainCore.advance) and holds only values
+    # rd_seq had not reached when covered() last ran.
+
+    def __init__(self) -> None:
+        self._lock: Any = threading.Lock()
+        self._seqs = array("q")  # wr_seq values, ascending
+        self._times = array("d")  # time.monotonic() of each advance
+        #: Seconds: the longest grace period that has ended.
+        self.longest = 0.0
+
+    def new_locks(self, factory: Callable[[], Any]) -> None:
+        self._lock = factory()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+    def advanced(self, wr_seq: int) -> None:
+        """wr_seq was just advanced to ``wr_seq`` (called in advance order)."""
+        with self._lock:
+            if len(self._seqs) < self.KEPT:
+                self._seqs.append(wr_seq)
+                self._times.append(time.monotonic())
+
+    def covered(self, rd_seq: int) -> None:
+        """rd_seq moved forward to ``rd_seq``: the grace periods of the
+        advances up to it have ended."""
+        with self._lock:
+            seqs = self._seqs
+            if seqs and seqs[0] <= rd_seq:
+                took = time.monotonic() - self._times[0]  # the oldest took longest
+                if took > self.longest:
+                    self.longest = took
+                k = bisect_right(seqs, rd_seq)
+                del seqs[:k]
+                del self._times[:k]
+
+    def advanced_past(self, seq: int) -> float | None:
+        """When wr_seq first advanced past ``seq`` (None: not since rd_seq
+        passed it, or too long ago to be remembered)."""
+        with self._lock:
+            i = bisect_right(self._seqs, seq)
+            return self._times[i] if i < len(self._times) else None
+
+    def current(self, rd_seq: int) -> float:
+        """Seconds since the oldest advance rd_seq has not reached (0 if none)."""
+        with self._lock:
+            seqs = self._seqs
+            return time.monotonic() - self._times[0] if seqs and seqs[0] > rd_seq else 0.0
+
+    @property
+    def outstanding(self) -> int:
+        """How many advances are remembered."""
+        with self._lock:
+            return len(self._seqs)
+
+
 class DomainCore:
     """The kernel part of a Domain: wr_seq and the readers' calls."""
 
-    __slots__ = ("_wr_seq", "_tls")
+    __slots__ = ("_wr_seq", "_tls", "_skipped_polls", "_advances")
 
     _wr_seq: int
     _tls: threading.local
+    #: The subclass's lock and timing records (Domain._lock, Domain._timing),
+    #: which this twin's advance() and counter use.
+    _lock: Any
+    _timing: GraceTiming
 
     def __init__(self) -> None:
         self._wr_seq = 1
+        #: Polls retire() skipped because they could find nothing (I7 in
+        #: _kernel.c; Domain._after_advance).
+        self._skipped_polls = 0
+        #: advance() calls so far.
+        self._advances = 0
 
     #: The calling thread's state for the call named ``what`` (registering
     #: it for "attached"), or NotRegisteredError: the subclass's method
@@ -143,16 +223,33 @@ class DomainCore:
         except AttributeError:
             return self._thread_core("detached").detached_section
 
-    def _configure_retire(
-        self, fast: bool, deferred_limit: int, deferred_bytes: int, sizers: dict[Any, Any]
+    def _configure(
+        self,
+        fast: bool,
+        deferred_limit: int,
+        deferred_bytes: int,
+        sizers: dict[Any, Any],
+        timing: GraceTiming,
     ) -> None:
-        """The C twin's retire() fast path; nothing to set up here (Domain's
-        retire() is the Python one: specialize())."""
+        """The C twin's retire() fast path and advance() records; nothing to
+        set up here (Domain's retire() is the Python one: specialize(), and
+        advance() below uses the domain's own _lock and _timing)."""
 
-    def _advance_wr_seq(self) -> int:
-        """wr_seq += 2; returns the new wr_seq. The caller holds the domain's
-        lock: the read-modify-write is not atomic here."""
-        self._wr_seq = new = self._wr_seq + 2
+    def _count_skipped_poll(self) -> None:
+        """Count a poll that retire() skipped (a statistic)."""
+        with self._lock:
+            self._skipped_polls += 1
+
+    def advance(self) -> int:
+        """wr_seq += 2; returns the new wr_seq."""
+        with self._lock:
+            # A read-modify-write (atomic in the C twin; this lock makes it so
+            # here): concurrent advances add up. The store publishes the new
+            # value to quiescent() readers, who load it without a lock. The
+            # lock also keeps the timing records in advance order.
+            self._wr_seq = new = self._wr_seq + 2
+            self._advances += 1
+            self._timing.advanced(new)
         return new
 
 
@@ -171,6 +268,8 @@ class ThreadCore:
         "retired_bytes",
         "listed",
         "deferred",
+        "pinned_seq",
+        "poll_due",
     )
 
     seq: int
@@ -181,6 +280,8 @@ class ThreadCore:
     retired_bytes: int
     listed: bool
     deferred: list[Any]
+    pinned_seq: int
+    poll_due: int
     tls: threading.local
     handle: ThreadHandle
     sink: Sink

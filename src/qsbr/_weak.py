@@ -20,16 +20,21 @@ R = TypeVar("R")
 
 
 def weak_method(method: Callable[..., R]) -> Callable[..., R]:
-    """``method`` (a bound method), called through a weak reference to its
-    object. Calling it once the object is gone raises ReferenceError."""
-    ref: weakref.WeakMethod[Any] = weakref.WeakMethod(method)
+    """``method`` (a bound method, Python or C), called through a weak
+    reference to its object. Calling it once the object is gone raises
+    ReferenceError."""
+    owner = getattr(method, "__self__", None)
+    if owner is None:
+        raise TypeError(f"weak_method() needs a bound method, not {method!r}")
+    ref = weakref.ref(owner)
+    attr = method.__name__  # looked up at each call: a C method has no WeakMethod
     name = method.__qualname__  # not `method` itself: the closure must not hold it
 
     def call(*args: Any, **kwargs: Any) -> R:
-        bound = ref()
-        if bound is None:
+        obj = ref()
+        if obj is None:
             raise ReferenceError(f"{name}: its object no longer exists")
-        result: R = bound(*args, **kwargs)
+        result: R = getattr(obj, attr)(*args, **kwargs)
         return result
 
     call.__qualname__ = f"weak {name}"

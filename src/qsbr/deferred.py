@@ -22,7 +22,10 @@ can take it). The hard cap (admission.py) is told what each batch freed.
 Invariants:
 * Only the owning thread appends to its list; only a poller holding
   ``_lock`` removes from it, and only from the front. So between the
-  poller's ``buf[:j]`` and ``del buf[:j]`` the prefix cannot change.
+  poller's ``buf[:j]`` and ``del buf[:j]`` the prefix cannot change. The
+  one exception is the owner itself taking its whole list (take_ready's
+  not-shared case): it takes the list object and gives itself a new one,
+  under ``_lock``; it cannot be appending meanwhile.
   (The one shared list, ``_orphans``, for releases that retire on an
   unregistered thread, is appended to under ``_lock``, goal read included.)
 * Lists hold whole entries: their length is a multiple of ENTRY, and every
@@ -378,8 +381,15 @@ class DeferredWork:
                     waiting += n - j
                     if not j:
                         continue
-                chunk = buf[:j]
-                del buf[:j]
+                if buf is own and j == n:
+                    # The caller's own whole list: it is the owner, so it
+                    # cannot be appending now; take the list itself and
+                    # give the thread a new one (no copy of a long backlog).
+                    chunk = buf
+                    not_shared.deferred = []  # type: ignore[union-attr]
+                else:
+                    chunk = buf[:j]
+                    del buf[:j]
                 if chunks is None:
                     chunks = []
                 chunks.append(chunk)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,10 @@ from .thread_state import CheckedThreadHandle, Deferrals, ThreadHandle, ThreadSt
 
 __all__ = ["Domain"]
 
+#: How long retire() may skip polls that cannot find anything (see
+#: _after_advance). The C twin tests poll_due, which only this module sets.
+PINNED_POLL_NS = 1_000_000
+
 
 class Domain(DomainCore):
     """A QSBR domain. See the module docstring and docs/api.md."""
@@ -64,7 +69,6 @@ class Domain(DomainCore):
         "_admission",
         "_parts",
         "_lock",
-        "_advances",
         "_registry",
         "_work",
         "_timing",
@@ -123,7 +127,6 @@ class Domain(DomainCore):
         self._tls = threading.local()
         self._deferred_limit = opts.deferred_limit
         self._deferred_bytes = opts.deferred_bytes
-        self._advances = 0
         self._closed = False
         self._debug = opts.debug
         #: Debug mode: what is retired and not yet released (debug.py).
@@ -136,17 +139,19 @@ class Domain(DomainCore):
         self._stalls, self._reclaim, self._admission = parts.stalls, parts.reclaim, parts.admission
         self._new_locks(threading.Lock)
         cls = type(self)
-        self._configure_retire(
+        self._configure(
             # The C fast path is the Python path for a plain domain; a cap,
-            # debug mode or an overridden goal rule (tests' mutants) take the
-            # Python path always.
+            # debug mode or an overridden goal rule or advance() (tests'
+            # mutants) take the Python path always.
             self._admission is None
             and self._pending is None
             and cls._take_goal is Domain._take_goal
-            and cls._retire_python is Domain._retire_python,
+            and cls._retire_python is Domain._retire_python
+            and cls.advance is DomainCore.advance,
             self._deferred_limit,
             self._deferred_bytes,
             SIZERS,
+            self._timing,
         )
         self._reclaimer: ReclaimerThread | None = None
         if opts.background:
@@ -183,18 +188,8 @@ class Domain(DomainCore):
         """The rd_seq strategy: "incremental" or "flat"."""
         return self._reclaim.scanner.name
 
-    def advance(self) -> int:
-        """wr_seq += 2; returns the new wr_seq."""
-        with self._lock:
-            # A read-modify-write (the kernel's; atomic in the C twin, and
-            # this lock makes it so in the pure one): concurrent advances add
-            # up. The store publishes the new value to quiescent() readers,
-            # who load it without a lock. The lock also keeps the timing
-            # record in the order of the advances.
-            new = self._advance_wr_seq()
-            self._advances += 1
-            self._timing.advanced(new)
-        return new
+    # advance() is the kernel's (DomainCore): wr_seq += 2 and the time of
+    # it recorded (timing.py), together; it returns the new wr_seq.
 
     def deferred_advance(self) -> int:
         """The goal for a new retirement: wr_seq + 2 without advancing, except
@@ -392,12 +387,33 @@ class Domain(DomainCore):
 
     def _after_advance(self, state: ThreadState) -> None:
         """Every deferred_limit-th retirement: let the reclaimer know, or,
-        without one, poll here so pending work does not pile up."""
+        without one, poll here so pending work does not pile up.
+
+        Except when that poll cannot find anything (the C twin makes the same
+        test before it calls this; _kernel.c, I7): the caller is attached,
+        and its seq is the one with which its last poll from here found
+        rd_seq where the caller's own seq holds it. rd_seq is a minimum over
+        attached threads, the caller among them, so until the caller's next
+        quiescent state no scan can move it, and nothing can be ready: that
+        poll took every entry with goal <= rd_seq, and every goal handed out
+        since is above it. A writer that retires many objects between two
+        quiescent states would otherwise pay a failed poll (several
+        microseconds) every deferred_limit retirements. A poll still runs
+        once ``poll_due`` has passed (stall checks; releases that a
+        KeyboardInterrupt put back)."""
+        seq = state.seq
+        if seq and seq == state.pinned_seq and time.monotonic_ns() < state.poll_due:
+            self._count_skipped_poll()  # counted as a failed poll: see stats()
+            return
         reclaimer = self._reclaimer
         if reclaimer is not None and not self._closed:
             reclaimer.wake()
         elif not getattr(self._tls, "in_release", False):  # Reclamation marks it (reclaim.py)
-            self._reclaim.poll(None, state, self._wr_seq)
+            reclaim = self._reclaim
+            reclaim.poll(None, state, self._wr_seq)
+            seq = state.seq
+            state.pinned_seq = seq if seq and seq <= reclaim.rd_seq else 0
+            state.poll_due = time.monotonic_ns() + PINNED_POLL_NS
 
     # -- reclamation -----------------------------------------------------
 
@@ -442,7 +458,7 @@ class Domain(DomainCore):
         return self._stalls.holders(goal)
 
     def stats(self) -> DomainStats:
-        return snapshot(self._wr_seq, self._advances, self._parts)
+        return snapshot(self._wr_seq, self._advances, self._skipped_polls, self._parts)
 
     # -- lifetime ----------------------------------------------------------
 

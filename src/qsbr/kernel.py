@@ -1,7 +1,8 @@
 """Which kernel this process runs on: the C twin or the pure-Python one.
 
 The kernel (wr_seq, the threads' seqs, quiescent(), attach/detach, the read
-sections, the scan's loads and the loop that runs releases) comes in two twins of identical behaviour:
+sections, advance() with its timing records, the scan's loads and the loop
+that runs releases) comes in two twins of identical behaviour:
 ``qsbr._kernel``, a C extension built at install time where a compiler was
 available, and ``qsbr._pykernel``, pure Python, the reference and the
 fallback. The choice is made once, at import:
@@ -23,6 +24,7 @@ from ._pykernel import Sink  # where the pure twin's detached stores land (unuse
 __all__ = [
     "IMPLEMENTATION",
     "DomainCore",
+    "GraceTiming",
     "ThreadCore",
     "ThreadHandle",
     "ReadSection",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
         MAX_DEPTH,
         DetachedSection,
         DomainCore,
+        GraceTiming,
         ReadSection,
         ThreadCore,
         ThreadHandle,
@@ -63,6 +66,7 @@ elif _pure_requested():
         MAX_DEPTH,
         DetachedSection,
         DomainCore,
+        GraceTiming,
         ReadSection,
         ThreadCore,
         ThreadHandle,
@@ -79,6 +83,7 @@ else:
             MAX_DEPTH,
             DetachedSection,
             DomainCore,
+            GraceTiming,
             ReadSection,
             ThreadCore,
             ThreadHandle,
@@ -91,6 +96,7 @@ else:
             MAX_DEPTH,
             DetachedSection,
             DomainCore,
+            GraceTiming,
             ReadSection,
             ThreadCore,
             ThreadHandle,

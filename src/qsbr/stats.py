@@ -66,8 +66,10 @@ class DomainStats:
         return asdict(self)
 
 
-def snapshot(wr_seq: int, advances: int, parts: Parts) -> DomainStats:
-    """Read every part's counters (each under its own lock) into one record."""
+def snapshot(wr_seq: int, advances: int, skipped_polls: int, parts: Parts) -> DomainStats:
+    """Read every part's counters (each under its own lock) into one record.
+    ``skipped_polls``: polls retire() skipped because they could find
+    nothing (Domain._after_advance); each counts as a failed poll."""
     registry, work, reclaim = parts.registry, parts.work, parts.reclaim
     timing, stalls, admission = parts.timing, parts.stalls, parts.admission
     states = list(registry)
@@ -83,8 +85,8 @@ def snapshot(wr_seq: int, advances: int, parts: Parts) -> DomainStats:
         wr_seq=wr_seq,
         rd_seq=rd_seq,
         advances=advances,
-        polls=counts.polls,
-        failed_polls=counts.failed_polls,
+        polls=counts.polls + skipped_polls,
+        failed_polls=counts.failed_polls + skipped_polls,
         scans=reclaim.scans,
         grace_periods=reclaim.grace_periods,
         retired=counts.released + counts.pending + counts.forgotten,

@@ -138,6 +138,12 @@ class ThreadState(ThreadCore):
         #: This thread's deferred-free list, flat: [goal, fn, arg, size, ...]
         #: (see deferred.py). Appended only by this thread.
         self.deferred: list[Any] = []
+        #: Whether retire() may skip its next poll (Domain._after_advance):
+        #: the seq with which this thread's last poll from retire() found
+        #: rd_seq held where its own seq holds it (0: it did not), and
+        #: time.monotonic_ns() past which it polls regardless.
+        self.pinned_seq = 0
+        self.poll_due = 0
         #: Whether DeferredWork lists this thread as one that retires; set on
         #: its first retire(), so that polls visit writers only, not readers.
         self.listed = False
