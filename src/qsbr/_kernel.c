@@ -849,6 +849,42 @@ retire_python(DomainCore *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     return result;
 }
 
+/* Append the four items of an entry to a deferred-free list, atomically
+ * with respect to every other thread (I6): pollers must see whole entries.
+ * With the GIL, four appends: nothing in them releases it or runs Python
+ * code, and a failure removes what was appended. On free-threaded builds,
+ * one slice assignment, which holds the list's own lock throughout. */
+static int
+append_entry(PyObject *list, PyObject *goal, PyObject *release, PyObject *obj, PyObject *size)
+{
+#ifdef Py_GIL_DISABLED
+    PyObject *entry = PyTuple_Pack(4, goal, release, obj, size);
+    if (entry == NULL) {
+        return -1;
+    }
+    int rc = PyList_SetSlice(list, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, entry);
+    Py_DECREF(entry);
+    return rc;
+#else
+    Py_ssize_t before = PyList_GET_SIZE(list);
+    if (PyList_Append(list, goal) < 0 || PyList_Append(list, release) < 0 || PyList_Append(list, obj) < 0
+        || PyList_Append(list, size) < 0) {
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *exc = PyErr_GetRaisedException();
+        (void)PyList_SetSlice(list, before, PY_SSIZE_T_MAX, NULL);  /* whole entries only */
+        PyErr_SetRaisedException(exc);
+#else
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        (void)PyList_SetSlice(list, before, PY_SSIZE_T_MAX, NULL);  /* whole entries only */
+        PyErr_Restore(type, value, tb);
+#endif
+        return -1;
+    }
+    return 0;
+#endif
+}
+
 /* `goal` as an int object, the one handed out last when it is the same. */
 static PyObject *
 goal_object(ThreadCore *st, int64_t goal)
@@ -982,17 +1018,11 @@ DomainCore_retire(DomainCore *self, PyObject *const *args, Py_ssize_t nargsf, Py
         Py_DECREF(goal);
         return NULL;
     }
-    PyObject *entry = PyTuple_Pack(4, goal, release, obj, size_long);
-    Py_DECREF(size_long);
-    if (entry == NULL) {
-        Py_DECREF(goal);
-        return NULL;
-    }
     /* One atomic append of the whole entry (I6). */
     PyObject *deferred = Py_NewRef(st->deferred);
-    int rc = PyList_SetSlice(deferred, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, entry);
+    int rc = append_entry(deferred, goal, release, obj, size_long);
     Py_DECREF(deferred);
-    Py_DECREF(entry);
+    Py_DECREF(size_long);
     if (rc < 0) {
         Py_DECREF(goal);
         return NULL;

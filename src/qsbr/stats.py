@@ -21,7 +21,9 @@ class DomainStats:
     #: Times wr_seq was advanced (advance(), deferred_advance() every
     #: deferred_limit-th call, and the catch-up advances of poll/synchronize).
     advances: int
-    #: poll() calls, and those that ran no release while work was pending.
+    #: poll() calls, and those that ran no release while work was pending;
+    #: both count the polls retire() skipped because its own thread held
+    #: rd_seq back (Domain._after_advance).
     polls: int
     failed_polls: int
     #: Full scans of the thread registry (each computes rd_seq).
