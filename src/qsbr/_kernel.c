@@ -140,7 +140,7 @@ typedef struct {
     uint64_t serial;         /* unique in the process, never 0 (I5) */
     PyObject *tls;           /* the domain's threading.local (Python's) */
     /* retire()'s fast path (I6), set once by Domain.__init__ through
-     * _configure_retire(): */
+     * _configure(): */
     int retire_fast;         /* 0: every retire() takes the Python path */
     int64_t deferred_limit;
     int64_t deferred_bytes;
@@ -770,7 +770,7 @@ static PyObject *
 DomainCore_advance(DomainCore *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->timing == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "advance() before _configure_retire() (Domain.__init__)");
+        PyErr_SetString(PyExc_RuntimeError, "advance() before _configure() (Domain.__init__)");
         return NULL;
     }
     return PyLong_FromLongLong(advance_and_record(self));
