@@ -52,7 +52,7 @@
  *       order, for the common case only (a registered, listed thread, a
  *       plain domain: no cap, no debug mode, the standard goal rule); every
  *       other case, and every error, goes to _retire_python. The four items
- *       of an entry are appended in one PyList_SetSlice, atomic with respect
+ *       of an entry are appended by append_entry(), atomically with respect
  *       to pollers on both builds (they take prefixes of whole entries), and
  *       the bytes are counted before the append (pending bytes never < 0).
  *   I7. retire() skips the poll of its advance (counting it as a failed

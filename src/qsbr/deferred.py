@@ -91,6 +91,8 @@ def _ready_prefix(buf: list[Any], n: int, rd_seq: int) -> int:
     """Length of the prefix of buf[:n] whose goals are <= rd_seq."""
     if buf[n - ENTRY] <= rd_seq:  # goals never decrease: all ready
         return n
+    if buf[0] > rd_seq:  # none ready: a failed poll's common case, no search
+        return 0
     lo, hi = 0, n // ENTRY
     while lo < hi:
         mid = (lo + hi) // 2
@@ -373,9 +375,6 @@ class DeferredWork:
                     continue
                 if buf[n - ENTRY] <= rd_seq or buf is own:
                     j = n  # goals never decrease: all of buf[:n] is ready
-                elif buf[0] > rd_seq:  # nothing ready: the common failed poll, no search
-                    waiting += n
-                    continue
                 else:
                     j = _ready_prefix(buf, n, rd_seq)
                     waiting += n - j

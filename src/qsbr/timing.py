@@ -18,8 +18,8 @@ collector tracks is made on the advance path.
 
 The records are the kernel's (kernel.py): the C twin keeps them in C
 arrays and makes each together with its advance, under one lock, so
-advance() runs no Python code; the pure twin (_pykernel.py) is the class
-below in spirit, with ``array`` and a threading.Lock.
+advance() runs no Python code; the pure twin (_pykernel.py) keeps the same
+two sequences in ``array``s under a threading.Lock.
 
 Invariant: the seqs are sorted (wr_seq only grows, and advances are
 recorded under the domain's advance lock, in order), and holds only values
