@@ -89,6 +89,8 @@ typedef struct {
     PyTypeObject *ReadSection_type;
     PyTypeObject *DetachedSection_type;
     PyTypeObject *GraceTiming_type;
+    PyTypeObject *PoolLease_type;
+    PyTypeObject *PoolCore_type;
     PyObject *unregistered_handle_error;  /* qsbr.errors.unregistered_handle_error */
     /* Interned names of the Python methods the slow paths call: made once,
      * so that no call allocates a name. */
@@ -122,6 +124,11 @@ typedef struct {
     double *times;           /* time.monotonic() of each */
     Py_ssize_t start, end, cap;
     double longest;          /* seconds: the longest grace period that has ended */
+    /* B5: the largest rd_seq covered() was told of (Reclamation publishes
+     * every rd_seq it reaches, under its lock): never ahead of the domain's
+     * rd_seq. Stored with release order, loaded with acquire order by the
+     * pool's fast path (PoolCore) before it reuses a block. */
+    _Atomic int64_t rd_seq;
 } GraceTiming;
 
 #define TIMING_KEPT 4096
@@ -481,6 +488,7 @@ GraceTiming_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->times = NULL;
     self->start = self->end = self->cap = 0;
     self->longest = 0.0;
+    atomic_init(&self->rd_seq, 1);
     return (PyObject *)self;
 }
 
@@ -525,6 +533,11 @@ GraceTiming_covered(GraceTiming *self, PyObject *arg)
         if (self->start == self->end) {
             self->start = self->end = 0;
         }
+    }
+    /* B5: release, after the scan that certified rd (its loads came first
+     * in this thread); only ever forward. */
+    if (rd > atomic_load_explicit(&self->rd_seq, memory_order_relaxed)) {
+        atomic_store_explicit(&self->rd_seq, rd, memory_order_release);
     }
     TIMING_UNLOCK(self);
     Py_RETURN_NONE;
@@ -590,6 +603,12 @@ GraceTiming_get_longest(GraceTiming *self, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+GraceTiming_get_rd_seq(GraceTiming *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(atomic_load_explicit(&self->rd_seq, memory_order_acquire));
+}
+
+static PyObject *
 GraceTiming_len(GraceTiming *self, void *Py_UNUSED(closure))
 {
     TIMING_LOCK(self);
@@ -622,6 +641,7 @@ static PyGetSetDef GraceTiming_getset[] = {
     {"longest", (getter)GraceTiming_get_longest, NULL, "seconds: the longest grace period that has ended",
      NULL},
     {"outstanding", (getter)GraceTiming_len, NULL, "how many advances are remembered", NULL},
+    {"rd_seq", (getter)GraceTiming_get_rd_seq, NULL, "the largest rd_seq covered() was told of", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -2025,6 +2045,953 @@ run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* -- specialize(): the readers' calls as methods of the subclass itself ---------- */
 
+/* -- BufferPool's hot path: PoolCore and PoolLease ---------------------------
+ *
+ * A PoolCore sits in front of one BufferPool's PageSet (buffer_pool.py, "The
+ * C fast path") and serves acquire(), slice() and release() of blocks of the
+ * size classes without Python: per class, a stack of free blocks, which the
+ * pool's Python slow path stocks, and a FIFO of released blocks tagged with
+ * their goals, which the slow path takes back (spill) and lets PageSet
+ * collect under the design's rule. Every view it hands out is exported by a
+ * PoolLease: the view's `obj`, so release() finds its block from the view
+ * itself (no table of views), and the lease keeps the block's page alive.
+ *
+ * Invariants (the pool's others are in buffer_pool.py):
+ *   B1. A block the core owns is in exactly one place: its class's free
+ *       stack, its class's FIFO, or out (a root lease with tokens > 0).
+ *       PageSet counts each as taken (page.out includes it), so no page
+ *       holding one is recarved or trimmed: the pool spills the core before
+ *       anything that reads PageSet's free or waiting blocks.
+ *   B2. Goals in a FIFO never decrease: each is wr_seq + 2 loaded under the
+ *       core's lock after the block's last view came back (the design's
+ *       deferred advance, as PageSet.retire). spill() empties a FIFO under
+ *       the lock, inside the pool's lock, into PageSet.waiting, which only
+ *       spills feed while the core is on: that queue stays ascending too.
+ *   B3. A root lease's tokens = its block's views that are out (its own and
+ *       its slices'); the release that takes tokens to 0 alone queues the
+ *       block. A view is out while its lease's `view` is that view: release
+ *       and slice test `view is lease->view` under the lock, so a copy
+ *       (memoryview(view), view[a:b]) or a view released already is refused
+ *       (the Python path then raises its error).
+ *   B5. The fast path reuses a block once its goal <= the rd_seq the
+ *       domain's GraceTiming last published (GraceTiming.rd_seq, I8's
+ *       object): a value the domain's rd_seq reached, stored with release
+ *       order after the scan that certified it and loaded here with acquire
+ *       order, so the readers' quiescent states that made it safe happen
+ *       before the block's reuse.
+ *   B4. Nothing under the lock calls into Python, allocates a Python object
+ *       or frees one: a PyMutex on free-threaded builds, the GIL otherwise.
+ *       The free stack and the FIFO of a class each have room for every
+ *       block the class owns (reserved when a block joins the core), so no
+ *       push under the lock can fail and nothing is lost.
+ */
+
+typedef struct {
+    PyObject *block;   /* the pool_pages.Block, strong */
+    char *buf;         /* its first byte */
+    int64_t goal;      /* in a FIFO: when it may be reused (B2) */
+} pool_slot;
+
+typedef struct {
+    Py_ssize_t size;   /* the class's block size */
+    Py_ssize_t owned;  /* blocks of the class the core owns (B1) */
+    pool_slot *free;
+    Py_ssize_t nfree;
+    pool_slot *wait;
+    Py_ssize_t wait_head, wait_end;
+    Py_ssize_t cap;    /* of `free` and of `wait`: >= owned (B4) */
+} pool_class;
+
+typedef struct {
+    PyObject_HEAD
+#ifdef Py_GIL_DISABLED
+    PyMutex mutex;
+#endif
+    int closed;
+    DomainCore *domain;
+    GraceTiming *timing;     /* the domain's: its rd_seq (B5); NULL: none */
+    PyTypeObject *lease_type;
+    /* The pool's Python paths, each held through a weak reference to the
+     * pool (_weak.weak_method): the core serves what it can and passes
+     * every other call, with its arguments, to these. */
+    PyObject *slow_acquire, *slow_release, *slow_slice;
+    PyObject *every_256th_give_back;   /* or None */
+    Py_ssize_t nclasses;
+    pool_class *classes;
+    int64_t given_back;  /* blocks queued in a FIFO by a release */
+} PoolCore;
+
+typedef struct PoolLease {
+    PyObject_HEAD
+    PoolCore *core;
+    struct PoolLease *root;  /* a slice's: the lease of its block's acquired view */
+    PyObject *block;         /* a root's: the Block (keeps its page alive) */
+    char *buf;
+    Py_ssize_t len;
+    Py_ssize_t start;        /* where the view starts in its block */
+    PyObject *view;          /* strong, while the view is out (B3) */
+    Py_ssize_t tokens;       /* a root's (B3) */
+    Py_ssize_t cls;          /* a root's class index */
+} PoolLease;
+
+#ifdef Py_GIL_DISABLED
+#define CORE_LOCK(c) PyMutex_Lock(&(c)->mutex)
+#define CORE_UNLOCK(c) PyMutex_Unlock(&(c)->mutex)
+#else
+#define CORE_LOCK(c) ((void)(c))
+#define CORE_UNLOCK(c) ((void)(c))
+#endif
+
+/* -- PoolLease: the exporter of one view -- */
+
+static int
+PoolLease_getbuffer(PoolLease *self, Py_buffer *view, int flags)
+{
+    /* buf and len never change: no lock. Writable, format "B", as the
+     * Python path's views of a page. */
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->buf, self->len, 0, flags);
+}
+
+static int
+PoolLease_traverse(PoolLease *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->core);
+    Py_VISIT(self->root);
+    Py_VISIT(self->block);
+    Py_VISIT(self->view);
+    return 0;
+}
+
+static int
+PoolLease_clear(PoolLease *self)
+{
+    /* A view dropped while out (never released) makes a cycle view ->
+     * lease -> view that only the collector frees: its block stays out, as
+     * on the Python path (debug mode reports it). */
+    Py_CLEAR(self->view);
+    Py_CLEAR(self->root);
+    Py_CLEAR(self->block);
+    Py_CLEAR(self->core);
+    return 0;
+}
+
+static void
+PoolLease_dealloc(PoolLease *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)PoolLease_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot PoolLease_slots[] = {
+    {Py_tp_doc, "What a BufferPool view made by the C kernel exports: its block's bytes."},
+    {Py_bf_getbuffer, PoolLease_getbuffer},
+    {Py_tp_dealloc, PoolLease_dealloc},
+    {Py_tp_traverse, PoolLease_traverse},
+    {Py_tp_clear, PoolLease_clear},
+    {0, NULL},
+};
+
+static PyType_Spec PoolLease_spec = {
+    .name = "qsbr._kernel.PoolLease",
+    .basicsize = sizeof(PoolLease),
+    .flags = (Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE
+              | Py_TPFLAGS_DISALLOW_INSTANTIATION),
+    .slots = PoolLease_slots,
+};
+
+/* -- PoolCore -- */
+
+/* The lease behind `view` if it is a live view this core made; else NULL
+ * (not a memoryview, released with memoryview.release(), or another
+ * exporter's). A view's `obj` is held by its managed buffer until the view
+ * is released, so reading it is safe unless another thread releases the
+ * memoryview during this call, a race of the caller's own. */
+static PoolLease *
+lease_of(PoolCore *self, PyObject *view)
+{
+    if (!PyMemoryView_Check(view)) {
+        return NULL;
+    }
+    PyMemoryViewObject *mv = (PyMemoryViewObject *)view;
+    if (mv->flags & _Py_MEMORYVIEW_RELEASED) {
+        return NULL;
+    }
+    PyObject *obj = mv->view.obj;
+    if (obj == NULL || Py_TYPE(obj) != self->lease_type || ((PoolLease *)obj)->core != self) {
+        return NULL;
+    }
+    return (PoolLease *)obj;
+}
+
+/* The smallest class >= n, or -1 (n < 1 or above the largest). */
+static Py_ssize_t
+class_of(PoolCore *self, Py_ssize_t n)
+{
+    if (n < 1 || n > self->classes[self->nclasses - 1].size) {
+        return -1;
+    }
+    Py_ssize_t lo = 0, hi = self->nclasses - 1;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (self->classes[mid].size < n) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* Room in `free` and `wait` for one more owned block (B4). Outside the
+ * lock's critical section only in the sense that it may fail: called under
+ * it, it calls no Python (raw allocator). Returns -1 on no memory (no
+ * exception set: the caller sets it after unlocking). */
+static int
+reserve_one_locked(pool_class *pc)
+{
+    if (pc->owned < pc->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = pc->cap ? pc->cap * 2 : 16;
+    pool_slot *free = PyMem_RawRealloc(pc->free, (size_t)cap * sizeof(pool_slot));
+    if (free == NULL) {
+        return -1;
+    }
+    pc->free = free;
+    pool_slot *wait = PyMem_RawMalloc((size_t)cap * sizeof(pool_slot));
+    if (wait == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = pc->wait_end - pc->wait_head;
+    if (n) {
+        memcpy(wait, pc->wait + pc->wait_head, (size_t)n * sizeof(pool_slot));
+    }
+    PyMem_RawFree(pc->wait);
+    pc->wait = wait;
+    pc->wait_head = 0;
+    pc->wait_end = n;
+    pc->cap = cap;
+    return 0;
+}
+
+/* Queue a root lease's block (its last view is back: tokens == 0). */
+static void
+queue_block_locked(PoolCore *self, PoolLease *root)
+{
+    if (self->closed) {
+        return;  /* the pool dropped its pages: the lease keeps the block until it goes */
+    }
+    pool_class *pc = &self->classes[root->cls];
+    if (pc->wait_end == pc->cap) {  /* compact: the FIFO holds < cap (B4) */
+        Py_ssize_t n = pc->wait_end - pc->wait_head;
+        memmove(pc->wait, pc->wait + pc->wait_head, (size_t)n * sizeof(pool_slot));
+        pc->wait_head = 0;
+        pc->wait_end = n;
+    }
+    /* B2: the goal is loaded (acquire) after every view of the block came
+     * back, under the lock that orders the FIFO. */
+    pool_slot slot = {Py_NewRef(root->block), root->buf, load_wr_seq(self->domain) + 2};
+    pc->wait[pc->wait_end++] = slot;
+    self->given_back++;
+}
+
+/* A view of `len` bytes at `buf` for a new lease (a root when `root` is
+ * NULL: it takes `block`, a new reference, with tokens = 1; a slice's root
+ * already counted its token). NULL on error, `block` still the caller's. */
+static PyObject *
+new_view(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char *buf, Py_ssize_t len,
+         Py_ssize_t start)
+{
+    PoolLease *lease = PyObject_GC_New(PoolLease, self->lease_type);
+    if (lease == NULL) {
+        return NULL;
+    }
+    lease->core = (PoolCore *)Py_NewRef(self);
+    lease->root = root ? (PoolLease *)Py_NewRef(root) : NULL;
+    lease->block = block ? Py_NewRef(block) : NULL;
+    lease->buf = buf;
+    lease->len = len;
+    lease->start = start;
+    lease->view = NULL;
+    lease->tokens = root ? 0 : 1;
+    lease->cls = cls;
+    PyObject_GC_Track(lease);
+    PyObject *view = PyMemoryView_FromObject((PyObject *)lease);
+    if (view != NULL) {
+        /* Out from here (B3). Nobody else has the lease yet: no lock. */
+        lease->view = Py_NewRef(view);
+    }
+    else {
+        lease->tokens = 0;  /* never out */
+    }
+    Py_DECREF(lease);  /* the view's buffer holds it */
+    return view;
+}
+
+static PyObject *
+PoolCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"domain", "sizes", "slow_acquire", "slow_release", "slow_slice",
+                             "every_256th_give_back", NULL};
+    PyObject *domain, *sizes, *acq, *rel, *sli, *trim;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOO:PoolCore", kwlist, &domain, &PyTuple_Type,
+                                     &sizes, &acq, &rel, &sli, &trim)) {
+        return NULL;
+    }
+    PyObject *module = PyType_GetModuleByDef(type, &kernel_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    kernel_state *ks = get_kernel_state(module);
+    if (check_instance(domain, ks->DomainCore_type, "domain") < 0) {
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(sizes);
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "PoolCore needs at least one size class");
+        return NULL;
+    }
+    pool_class *classes = PyMem_RawCalloc((size_t)n, sizeof(pool_class));
+    if (classes == NULL) {
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t size = PyLong_AsSsize_t(PyTuple_GET_ITEM(sizes, i));
+        if (size == -1 && PyErr_Occurred()) {
+            PyMem_RawFree(classes);
+            return NULL;
+        }
+        if (size < 1 || (i && size <= classes[i - 1].size)) {
+            PyMem_RawFree(classes);
+            PyErr_SetString(PyExc_ValueError, "PoolCore: sizes must be ascending and >= 1");
+            return NULL;
+        }
+        classes[i].size = size;
+    }
+    PoolCore *self = (PoolCore *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        PyMem_RawFree(classes);
+        return NULL;
+    }
+    self->domain = (DomainCore *)Py_NewRef(domain);
+    self->timing = (GraceTiming *)Py_XNewRef(self->domain->timing);
+    self->lease_type = (PyTypeObject *)Py_NewRef(ks->PoolLease_type);
+    self->slow_acquire = Py_NewRef(acq);
+    self->slow_release = Py_NewRef(rel);
+    self->slow_slice = Py_NewRef(sli);
+    self->every_256th_give_back = Py_NewRef(trim);
+    self->nclasses = n;
+    self->classes = classes;
+    return (PyObject *)self;
+}
+
+static int
+PoolCore_traverse(PoolCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->domain);
+    Py_VISIT(self->timing);
+    Py_VISIT(self->lease_type);
+    Py_VISIT(self->slow_acquire);
+    Py_VISIT(self->slow_release);
+    Py_VISIT(self->slow_slice);
+    Py_VISIT(self->every_256th_give_back);
+    for (Py_ssize_t i = 0; self->classes && i < self->nclasses; i++) {
+        pool_class *pc = &self->classes[i];
+        for (Py_ssize_t j = 0; j < pc->nfree; j++) {
+            Py_VISIT(pc->free[j].block);
+        }
+        for (Py_ssize_t j = pc->wait_head; j < pc->wait_end; j++) {
+            Py_VISIT(pc->wait[j].block);
+        }
+    }
+    return 0;
+}
+
+/* Drop every free and waiting block (close(), or clearing). */
+static void
+drop_blocks(PoolCore *self)
+{
+    pool_class *classes = NULL;
+    Py_ssize_t n = 0;
+    CORE_LOCK(self);
+    /* Move the tables out under the lock; decref after it (B4). */
+    if (self->classes != NULL) {
+        n = self->nclasses;
+        classes = PyMem_RawMalloc((size_t)n * sizeof(pool_class));
+        if (classes != NULL) {
+            memcpy(classes, self->classes, (size_t)n * sizeof(pool_class));
+            for (Py_ssize_t i = 0; i < n; i++) {
+                pool_class *pc = &self->classes[i];
+                pc->owned -= pc->nfree + (pc->wait_end - pc->wait_head);
+                pc->free = pc->wait = NULL;
+                pc->nfree = pc->wait_head = pc->wait_end = pc->cap = 0;
+            }
+        }
+    }
+    CORE_UNLOCK(self);
+    for (Py_ssize_t i = 0; classes && i < n; i++) {
+        pool_class *pc = &classes[i];
+        for (Py_ssize_t j = 0; j < pc->nfree; j++) {
+            Py_DECREF(pc->free[j].block);
+        }
+        for (Py_ssize_t j = pc->wait_head; j < pc->wait_end; j++) {
+            Py_DECREF(pc->wait[j].block);
+        }
+        PyMem_RawFree(pc->free);
+        PyMem_RawFree(pc->wait);
+    }
+    PyMem_RawFree(classes);
+}
+
+static int
+PoolCore_clear(PoolCore *self)
+{
+    drop_blocks(self);
+    Py_CLEAR(self->domain);
+    Py_CLEAR(self->timing);
+    Py_CLEAR(self->lease_type);
+    Py_CLEAR(self->slow_acquire);
+    Py_CLEAR(self->slow_release);
+    Py_CLEAR(self->slow_slice);
+    Py_CLEAR(self->every_256th_give_back);
+    return 0;
+}
+
+static void
+PoolCore_dealloc(PoolCore *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)PoolCore_clear(self);
+    PyMem_RawFree(self->classes);
+    self->classes = NULL;
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* A block of the class, free -> out (B1): from the free stack, after moving
+ * the FIFO's heads whose goal rd_seq has reached onto it (the design's
+ * rule: reused once goal <= rd_seq; B2 lets the test stop at the first head
+ * not reached, B5 says where rd_seq comes from). */
+static int
+take_locked(PoolCore *self, pool_class *pc, pool_slot *out)
+{
+    if (self->closed) {
+        return 0;
+    }
+    if (pc->nfree == 0 && pc->wait_head < pc->wait_end && self->timing != NULL) {
+        int64_t rd = atomic_load_explicit(&self->timing->rd_seq, memory_order_acquire);
+        while (pc->wait_head < pc->wait_end && pc->wait[pc->wait_head].goal <= rd) {
+            pc->free[pc->nfree++] = pc->wait[pc->wait_head++];  /* room: B4 */
+        }
+        if (pc->wait_head == pc->wait_end) {
+            pc->wait_head = pc->wait_end = 0;
+        }
+    }
+    if (pc->nfree == 0) {
+        return 0;
+    }
+    *out = pc->free[--pc->nfree];
+    return 1;
+}
+
+/* acquire() served by the core: a view, NULL on error, or NULL with
+ * *missed set (nothing for it here: n fits no class, or no block is ready). */
+static PyObject *
+fast_acquire(PoolCore *self, PyObject *nbytes, int *missed)
+{
+    *missed = 1;
+    if (PyLong_CheckExact(nbytes)) {
+        int overflow;
+        long long n = PyLong_AsLongLongAndOverflow(nbytes, &overflow);
+        Py_ssize_t cls = overflow || n > PY_SSIZE_T_MAX ? -1 : class_of(self, (Py_ssize_t)n);
+        if (cls >= 0) {
+            pool_class *pc = &self->classes[cls];
+            pool_slot slot = {NULL, NULL, 0};
+            CORE_LOCK(self);
+            int got = take_locked(self, pc, &slot);
+            CORE_UNLOCK(self);
+            if (got) {
+                *missed = 0;
+                PyObject *view = new_view(self, NULL, slot.block, cls, slot.buf, (Py_ssize_t)n, 0);
+                if (view == NULL) {
+                    CORE_LOCK(self);
+                    int back = !self->closed;
+                    if (back) {
+                        pc->free[pc->nfree++] = slot;  /* never out (room: B4) */
+                    }
+                    CORE_UNLOCK(self);
+                    if (!back) {
+                        Py_DECREF(slot.block);
+                    }
+                    return NULL;
+                }
+                Py_DECREF(slot.block);  /* the lease holds it */
+                return view;
+            }
+        }
+    }
+    return NULL;
+}
+
+static PyObject *
+PoolCore_acquire(PoolCore *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs == 1 && kwnames == NULL) {
+        int missed;
+        PyObject *view = fast_acquire(self, args[0], &missed);
+        if (!missed) {
+            return view;
+        }
+    }
+    /* Everything else: the Python path (a miss, other sizes, errors). */
+    return PyObject_Vectorcall(self->slow_acquire, args, nargs, kwnames);
+}
+
+static PyObject *
+PoolCore_try_acquire(PoolCore *self, PyObject *nbytes)
+{
+    int missed;
+    PyObject *view = fast_acquire(self, nbytes, &missed);
+    if (missed) {
+        Py_RETURN_NONE;
+    }
+    return view;
+}
+
+/* waiting(cls): how many blocks of class cls wait in the FIFO. */
+static PyObject *
+PoolCore_waiting(PoolCore *self, PyObject *arg)
+{
+    Py_ssize_t cls = PyLong_AsSsize_t(arg);
+    if (cls == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (cls < 0 || cls >= self->nclasses) {
+        PyErr_SetString(PyExc_ValueError, "waiting(): no such class");
+        return NULL;
+    }
+    CORE_LOCK(self);
+    Py_ssize_t n = self->classes[cls].wait_end - self->classes[cls].wait_head;
+    CORE_UNLOCK(self);
+    return PyLong_FromSsize_t(n);
+}
+
+/* goals(): (head goal, tail goal) of every non-empty FIFO: its oldest and
+ * its newest block's. */
+static PyObject *
+PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t n = self->nclasses, k = 0;
+    int64_t *goals = PyMem_RawMalloc((size_t)n * 2 * sizeof(int64_t));
+    if (goals == NULL) {
+        return PyErr_NoMemory();
+    }
+    CORE_LOCK(self);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        pool_class *pc = &self->classes[i];
+        if (pc->wait_head < pc->wait_end) {
+            goals[2 * k] = pc->wait[pc->wait_head].goal;
+            goals[2 * k + 1] = pc->wait[pc->wait_end - 1].goal;
+            k++;
+        }
+    }
+    CORE_UNLOCK(self);
+    PyObject *list = PyList_New(k);
+    for (Py_ssize_t i = 0; list != NULL && i < k; i++) {
+        PyObject *g = Py_BuildValue("(LL)", (long long)goals[2 * i], (long long)goals[2 * i + 1]);
+        if (g == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, g);
+    }
+    PyMem_RawFree(goals);
+    return list;
+}
+
+static PyObject *
+PoolCore_release(PoolCore *self, PyObject *view)
+{
+    PoolLease *lease = lease_of(self, view);
+    if (lease != NULL) {
+        PyObject *was = NULL;
+        int trim = 0;
+        CORE_LOCK(self);
+        if (!self->closed && lease->view == view) {
+            was = lease->view;  /* B3: of two racing releases, one finds it */
+            lease->view = NULL;
+            PoolLease *root = lease->root ? lease->root : lease;
+            if (--root->tokens == 0) {
+                queue_block_locked(self, root);
+                trim = (self->given_back & 255) == 0;
+            }
+        }
+        CORE_UNLOCK(self);
+        if (was != NULL) {
+            Py_DECREF(was);
+            if (trim && self->every_256th_give_back != Py_None) {
+                return PyObject_CallNoArgs(self->every_256th_give_back);
+            }
+            Py_RETURN_NONE;
+        }
+    }
+    /* Not a view out of this core: the Python path, which raises the error
+     * that fits (or releases a view it made itself). */
+    return PyObject_CallOneArg(self->slow_release, view);
+}
+
+static PyObject *
+PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs == 3 && PyLong_CheckExact(args[1]) && PyLong_CheckExact(args[2])) {
+        PoolLease *lease = lease_of(self, args[0]);
+        if (lease != NULL) {
+            int o1, o2;
+            long long start = PyLong_AsLongLongAndOverflow(args[1], &o1);
+            long long stop = PyLong_AsLongLongAndOverflow(args[2], &o2);
+            PoolLease *root = NULL;
+            int out_of_range = 0;
+            CORE_LOCK(self);
+            if (!self->closed && lease->view == args[0]) {
+                if (o1 || o2 || start < 0 || start > stop || stop > lease->len) {
+                    out_of_range = 1;
+                }
+                else {
+                    root = lease->root ? lease->root : lease;
+                    root->tokens++;  /* first: the block cannot go back before the slice does */
+                }
+            }
+            CORE_UNLOCK(self);
+            if (out_of_range) {
+                PyErr_Format(PyExc_ValueError, "slice(): need 0 <= start <= stop <= %zd, got %S, %S",
+                             lease->len, args[1], args[2]);
+                return NULL;
+            }
+            if (root != NULL) {
+                PyObject *view = new_view(self, root, NULL, root->cls, lease->buf + start,
+                                          (Py_ssize_t)(stop - start), lease->start + (Py_ssize_t)start);
+                if (view == NULL) {
+                    CORE_LOCK(self);
+                    if (--root->tokens == 0) {  /* `view` was released meanwhile */
+                        queue_block_locked(self, root);
+                    }
+                    CORE_UNLOCK(self);
+                }
+                return view;
+            }
+        }
+    }
+    return PyObject_Vectorcall(self->slow_slice, args, nargs, NULL);
+}
+
+/* hand_out(cls, block, addr, nbytes): the slow path's block, out through a
+ * lease (so that its release takes the fast path). */
+static PyObject *
+PoolCore_hand_out(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "hand_out(cls, block, addr, nbytes)");
+        return NULL;
+    }
+    Py_ssize_t cls = PyLong_AsSsize_t(args[0]);
+    void *addr = PyLong_AsVoidPtr(args[2]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (cls < 0 || cls >= self->nclasses || n < 1 || n > self->classes[cls].size) {
+        PyErr_SetString(PyExc_ValueError, "hand_out(): no such class, or nbytes does not fit it");
+        return NULL;
+    }
+    pool_class *pc = &self->classes[cls];
+    CORE_LOCK(self);
+    int closed = self->closed;
+    int ok = !closed && reserve_one_locked(pc) == 0;
+    if (ok) {
+        pc->owned++;  /* B1: out; queued at its last release */
+    }
+    CORE_UNLOCK(self);
+    if (!ok) {
+        if (closed) {
+            PyErr_SetString(PyExc_ValueError, "this BufferPool is closed");
+            return NULL;
+        }
+        return PyErr_NoMemory();
+    }
+    PyObject *view = new_view(self, NULL, args[1], cls, (char *)addr, n, 0);
+    if (view == NULL) {
+        CORE_LOCK(self);
+        pc->owned--;
+        CORE_UNLOCK(self);
+    }
+    return view;
+}
+
+/* stock(cls, block, addr): a free block for the fast path. */
+static PyObject *
+PoolCore_stock(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "stock(cls, block, addr)");
+        return NULL;
+    }
+    Py_ssize_t cls = PyLong_AsSsize_t(args[0]);
+    void *addr = PyLong_AsVoidPtr(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (cls < 0 || cls >= self->nclasses) {
+        PyErr_SetString(PyExc_ValueError, "stock(): no such class");
+        return NULL;
+    }
+    pool_class *pc = &self->classes[cls];
+    pool_slot slot = {Py_NewRef(args[1]), (char *)addr, 0};
+    CORE_LOCK(self);
+    int closed = self->closed;
+    int ok = !closed && reserve_one_locked(pc) == 0;
+    if (ok) {
+        pc->owned++;
+        pc->free[pc->nfree++] = slot;
+    }
+    CORE_UNLOCK(self);
+    if (!ok) {
+        Py_DECREF(slot.block);
+        if (closed) {
+            PyErr_SetString(PyExc_ValueError, "this BufferPool is closed");
+            return NULL;
+        }
+        return PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
+}
+
+/* spill(cls): ([free blocks], [(block, goal), ...] oldest first) of class
+ * `cls` (-1: every class), taken out of the core (B1, B2). */
+static PyObject *
+PoolCore_spill(PoolCore *self, PyObject *arg)
+{
+    Py_ssize_t which = PyLong_AsSsize_t(arg);
+    if (which == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (which < -1 || which >= self->nclasses) {
+        PyErr_SetString(PyExc_ValueError, "spill(): no such class");
+        return NULL;
+    }
+    Py_ssize_t lo = which < 0 ? 0 : which, hi = which < 0 ? self->nclasses : which + 1;
+    PyObject *freed = PyList_New(0), *waiting = PyList_New(0);
+    if (freed == NULL || waiting == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        pool_class *pc = &self->classes[i];
+        /* Copy the class's slots out under the lock, then build the lists
+         * (which allocates) outside it (B4). */
+        Py_ssize_t nf, nw;
+        pool_slot *f = NULL, *w = NULL;
+        CORE_LOCK(self);
+        nf = pc->nfree;
+        nw = pc->wait_end - pc->wait_head;
+        if (nf + nw) {
+            f = PyMem_RawMalloc((size_t)(nf + nw) * sizeof(pool_slot));
+            if (f != NULL) {
+                w = f + nf;
+                memcpy(f, pc->free, (size_t)nf * sizeof(pool_slot));
+                memcpy(w, pc->wait + pc->wait_head, (size_t)nw * sizeof(pool_slot));
+                pc->owned -= nf + nw;
+                pc->nfree = pc->wait_head = pc->wait_end = 0;
+            }
+        }
+        CORE_UNLOCK(self);
+        if (nf + nw && f == NULL) {
+            PyErr_NoMemory();
+            goto error;
+        }
+        int failed = 0;
+        for (Py_ssize_t j = 0; j < nf; j++) {
+            failed = failed || PyList_Append(freed, f[j].block) < 0;
+            Py_DECREF(f[j].block);
+        }
+        for (Py_ssize_t j = 0; j < nw; j++) {
+            PyObject *t = failed ? NULL : Py_BuildValue("(OL)", w[j].block, (long long)w[j].goal);
+            failed = failed || t == NULL || PyList_Append(waiting, t) < 0;
+            Py_XDECREF(t);
+            Py_DECREF(w[j].block);
+        }
+        PyMem_RawFree(f);
+        if (failed) {
+            /* Out of memory while handing blocks back: they are lost to
+             * the pool (counted out), never reused early. */
+            goto error;
+        }
+    }
+    PyObject *result = PyTuple_Pack(2, freed, waiting);
+    Py_DECREF(freed);
+    Py_DECREF(waiting);
+    return result;
+error:
+    Py_XDECREF(freed);
+    Py_XDECREF(waiting);
+    return NULL;
+}
+
+/* location(view): (block, start in the block) of a view out of this core,
+ * else None. */
+static PyObject *
+PoolCore_location(PoolCore *self, PyObject *view)
+{
+    PoolLease *lease = lease_of(self, view);
+    PyObject *block = NULL;
+    Py_ssize_t start = 0;
+    if (lease != NULL) {
+        CORE_LOCK(self);
+        if (lease->view == view) {
+            PoolLease *root = lease->root ? lease->root : lease;
+            block = Py_NewRef(root->block);  /* an incref only: no Python code runs */
+            start = lease->start;
+        }
+        CORE_UNLOCK(self);
+    }
+    if (block == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *result = Py_BuildValue("(Nn)", block, start);
+    return result;
+}
+
+static PyObject *
+PoolCore_close(PoolCore *self, PyObject *Py_UNUSED(ignored))
+{
+    CORE_LOCK(self);
+    self->closed = 1;
+    CORE_UNLOCK(self);
+    drop_blocks(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+PoolCore_after_fork_in_child(PoolCore *self, PyObject *Py_UNUSED(ignored))
+{
+#ifdef Py_GIL_DISABLED
+    /* Only the forking thread survives; whoever held the lock is gone, and
+     * nothing under it is left half done that the child could see: each
+     * critical section's writes are plain stores of whole slots. */
+    memset(&self->mutex, 0, sizeof(self->mutex));
+#endif
+    (void)self;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+PoolCore_get_given_back(PoolCore *self, void *Py_UNUSED(closure))
+{
+    CORE_LOCK(self);
+    int64_t v = self->given_back;
+    CORE_UNLOCK(self);
+    return PyLong_FromLongLong(v);
+}
+
+static PyObject *
+PoolCore_get_held(PoolCore *self, void *Py_UNUSED(closure))
+{
+    /* {class size: (owned, free, waiting)}: built from a copy taken under
+     * the lock. */
+    Py_ssize_t n = self->nclasses;
+    Py_ssize_t *counts = PyMem_RawMalloc((size_t)n * 4 * sizeof(Py_ssize_t));
+    if (counts == NULL) {
+        return PyErr_NoMemory();
+    }
+    CORE_LOCK(self);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        pool_class *pc = &self->classes[i];
+        counts[4 * i] = pc->size;
+        counts[4 * i + 1] = pc->owned;
+        counts[4 * i + 2] = pc->nfree;
+        counts[4 * i + 3] = pc->wait_end - pc->wait_head;
+    }
+    CORE_UNLOCK(self);
+    PyObject *d = PyDict_New();
+    for (Py_ssize_t i = 0; d != NULL && i < n; i++) {
+        PyObject *k = PyLong_FromSsize_t(counts[4 * i]);
+        PyObject *v = Py_BuildValue("(nnn)", counts[4 * i + 1], counts[4 * i + 2], counts[4 * i + 3]);
+        if (k == NULL || v == NULL || PyDict_SetItem(d, k, v) < 0) {
+            Py_CLEAR(d);
+        }
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    PyMem_RawFree(counts);
+    return d;
+}
+
+static PyMethodDef PoolCore_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))PoolCore_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "acquire($self, nbytes, /, *, timeout=None)\n--\n\n"
+     "BufferPool.acquire(): a free block of the class from C, else the Python path."},
+    {"try_acquire", (PyCFunction)PoolCore_try_acquire, METH_O,
+     "try_acquire($self, nbytes, /)\n--\n\n"
+     "A view of a block the core has ready (rd_seq as now published), or None."},
+    {"waiting", (PyCFunction)PoolCore_waiting, METH_O,
+     "waiting($self, cls, /)\n--\n\nHow many blocks of class cls wait in the core."},
+    {"goals", (PyCFunction)PoolCore_goals, METH_NOARGS,
+     "goals($self, /)\n--\n\n(oldest goal, newest goal) of every class's waiting FIFO that is not empty."},
+    {"release", (PyCFunction)PoolCore_release, METH_O,
+     "release($self, view, /)\n--\n\n"
+     "BufferPool.release(): a view this core made, else the Python path."},
+    {"slice", (PyCFunction)(void (*)(void))PoolCore_slice, METH_FASTCALL,
+     "slice($self, view, start, stop, /)\n--\n\n"
+     "BufferPool.slice(): of a view this core made, else the Python path."},
+    {"hand_out", (PyCFunction)(void (*)(void))PoolCore_hand_out, METH_FASTCALL,
+     "hand_out($self, cls, block, addr, nbytes, /)\n--\n\n"
+     "(The pool's lock held.) A view of the block the slow path took, out through a lease."},
+    {"stock", (PyCFunction)(void (*)(void))PoolCore_stock, METH_FASTCALL,
+     "stock($self, cls, block, addr, /)\n--\n\n"
+     "(The pool's lock held.) A free block for the fast path (PageSet counts it taken)."},
+    {"spill", (PyCFunction)PoolCore_spill, METH_O,
+     "spill($self, cls, /)\n--\n\n"
+     "(The pool's lock held.) Take class cls's free and waiting blocks out (-1: every class)."},
+    {"location", (PyCFunction)PoolCore_location, METH_O,
+     "location($self, view, /)\n--\n\n(block, start) of a view out of this core, or None."},
+    {"close", (PyCFunction)PoolCore_close, METH_NOARGS,
+     "close($self, /)\n--\n\nServe nothing more; drop the free and waiting blocks."},
+    {"after_fork_in_child", (PyCFunction)PoolCore_after_fork_in_child, METH_NOARGS,
+     "after_fork_in_child($self, /)\n--\n\nThe lock, fresh."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef PoolCore_getset[] = {
+    {"given_back", (getter)PoolCore_get_given_back, NULL,
+     "blocks whose last view came back through the core", NULL},
+    {"held", (getter)PoolCore_get_held, NULL, "{class size: (owned, free, waiting)}", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot PoolCore_slots[] = {
+    {Py_tp_doc, "The C fast path of one BufferPool (buffer_pool.py, \"The C fast path\")."},
+    {Py_tp_new, PoolCore_new},
+    {Py_tp_dealloc, PoolCore_dealloc},
+    {Py_tp_traverse, PoolCore_traverse},
+    {Py_tp_clear, PoolCore_clear},
+    {Py_tp_methods, PoolCore_methods},
+    {Py_tp_getset, PoolCore_getset},
+    {0, NULL},
+};
+
+static PyType_Spec PoolCore_spec = {
+    .name = "qsbr._kernel.PoolCore",
+    .basicsize = sizeof(PoolCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = PoolCore_slots,
+};
+
 PyDoc_STRVAR(specialize_doc,
 "specialize(cls)\n--\n\n"
 "Give `cls`, a subclass of DomainCore (qsbr.Domain), its own method\n"
@@ -2095,7 +3062,9 @@ kernel_exec(PyObject *module)
         || add_type(module, &ThreadHandle_spec, NULL, &ks->ThreadHandle_type) < 0
         || add_type(module, &ReadSection_spec, NULL, &ks->ReadSection_type) < 0
         || add_type(module, &DetachedSection_spec, NULL, &ks->DetachedSection_type) < 0
-        || add_type(module, &GraceTiming_spec, NULL, &ks->GraceTiming_type) < 0) {
+        || add_type(module, &GraceTiming_spec, NULL, &ks->GraceTiming_type) < 0
+        || add_type(module, &PoolLease_spec, NULL, &ks->PoolLease_type) < 0
+        || add_type(module, &PoolCore_spec, NULL, &ks->PoolCore_type) < 0) {
         return -1;
     }
     if (PyModule_AddIntConstant(module, "MAX_DEPTH", MAX_DEPTH) < 0) {
@@ -2129,6 +3098,8 @@ kernel_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(ks->ReadSection_type);
     Py_VISIT(ks->DetachedSection_type);
     Py_VISIT(ks->GraceTiming_type);
+    Py_VISIT(ks->PoolLease_type);
+    Py_VISIT(ks->PoolCore_type);
     Py_VISIT(ks->unregistered_handle_error);
     Py_VISIT(ks->str_thread_core);
     Py_VISIT(ks->str_state);
@@ -2147,6 +3118,8 @@ kernel_clear(PyObject *module)
     Py_CLEAR(ks->ReadSection_type);
     Py_CLEAR(ks->DetachedSection_type);
     Py_CLEAR(ks->GraceTiming_type);
+    Py_CLEAR(ks->PoolLease_type);
+    Py_CLEAR(ks->PoolCore_type);
     Py_CLEAR(ks->unregistered_handle_error);
     Py_CLEAR(ks->str_thread_core);
     Py_CLEAR(ks->str_state);

@@ -88,6 +88,11 @@ class _Unregistered:
 UNREGISTERED = _Unregistered()
 
 
+#: BufferPool's C fast path has no twin here: on this kernel the pool runs
+#: its own Python code, the reference (buffer_pool.py, "The C fast path").
+PoolCore: Any = None
+
+
 class GraceTiming:
     """The times of the advances rd_seq has not reached yet (timing.py)."""
 
@@ -96,7 +101,7 @@ class GraceTiming:
     #: this part use.
     KEPT = 4096
 
-    __slots__ = ("_lock", "_seqs", "_times", "longest")
+    __slots__ = ("_lock", "_seqs", "_times", "longest", "rd_seq")
 
     # Invariant: _seqs is sorted (advances are recorded under the domain's
     # lock, in advance order: DomainCore.advance) and holds only values
@@ -108,6 +113,9 @@ class GraceTiming:
         self._times = array("d")  # time.monotonic() of each advance
         #: Seconds: the longest grace period that has ended.
         self.longest = 0.0
+        #: The largest rd_seq covered() was told of (B5 in _kernel.c: the C
+        #: pool's fast path reads it there).
+        self.rd_seq = 1
 
     def new_locks(self, factory: Callable[[], Any]) -> None:
         self._lock = factory()
@@ -126,6 +134,8 @@ class GraceTiming:
         """rd_seq moved forward to ``rd_seq``: the grace periods of the
         advances up to it have ended."""
         with self._lock:
+            if rd_seq > self.rd_seq:
+                self.rd_seq = rd_seq
             seqs = self._seqs
             if seqs and seqs[0] <= rd_seq:
                 took = time.monotonic() - self._times[0]  # the oldest took longest

@@ -65,23 +65,27 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import weakref
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _fork
+from . import _fork, kernel
 from .default import domain_or_default
 from .domain import Domain
 from .options import check_choice, check_int, check_optional_int, check_seconds
 from .pool_backpressure import POLL_AFTER, Backpressure
-from .pool_debug import DebugPool
-from .pool_pages import OUT_SHARD_MASK, POISON, Block, PageSet, byte_view, new_memory
+from .pool_debug import DebugPool, is_released
+from .pool_pages import OUT_SHARD_MASK, POISON, Block, PageSet, address_of, byte_view, new_memory
 from .pool_stats import ClassStats, PoolStats
 
 __all__ = ["BufferPool", "PoolStats", "ClassStats", "POISON", "new_memory", "byte_view"]
 
 #: How often (in releases) release() looks for pages to give back.
 TRIM_EVERY = 256
+#: How many free blocks of a class the slow path hands the C fast path at a
+#: time.
+STOCK = 64
 #: How often (in acquires) debug mode looks for views released but not given back.
 LEAK_CHECK_EVERY = 256
 #: The bottom token of an out block's token list (see the module docstring).
@@ -117,6 +121,9 @@ class BufferPool(Backpressure, DebugPool):
 
     #: What keeps the pages and blocks (a seam: tests inject broken ones).
     _pages_class = PageSet
+    #: Whether the C kernel's fast path may serve this pool (a seam: tests
+    #: of the Python path's own tables turn it off).
+    _native = True
 
     def __init__(
         self,
@@ -171,10 +178,76 @@ class BufferPool(Backpressure, DebugPool):
         #: Neither debug mode nor closed: slice() and release() take their
         #: inlined paths (one attribute load instead of two).
         self._fast = not self._debug
+        self._class_index = {c: i for i, c in enumerate(classes)}
+        self._next_spill = 0.0  # _maybe_trim's next spill of the core
+        #: The C fast path ("The C fast path" above), or None.
+        self._core: Any = None
+        if self._may_use_core():
+            self._start_core()
         _fork.track(self)
+
+    def _may_use_core(self) -> bool:
+        cls = type(self)
+        return (
+            kernel.PoolCore is not None
+            and self._native
+            and not self._debug
+            and self._pages_class is PageSet
+            and address_of(new_memory(1)) is not None
+            # A subclass that overrides a hot method keeps it.
+            and all(getattr(cls, m) is getattr(BufferPool, m) for m in ("acquire", "release", "slice"))
+        )
+
+    def _start_core(self) -> None:
+        core = kernel.PoolCore(
+            self._domain,
+            tuple(self._classes),
+            _python_path(self, BufferPool._acquire_python),
+            _python_path(self, BufferPool._release_python),
+            _python_path(self, BufferPool._slice_python),
+            None if self._trim_after is None else _python_path(self, BufferPool._trim_from_core),
+        )
+        self._core = core
+        # The hot methods, bound to the core: no Python frame on a hit. The
+        # core passes every other call to the _python methods (the class's
+        # own acquire/release/slice), which stay the reference.
+        self.__dict__.update(acquire=core.acquire, release=core.release, slice=core.slice)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+        if self._core is not None:
+            self._core.after_fork_in_child()
+
+    def _sync(self, size: int | None = None) -> None:
+        """(Under the lock.) B1: take the core's free and waiting blocks of
+        class ``size`` (every class: None) back into the PageSet, before
+        anything reads its free or waiting blocks. A spill keeps each class's
+        goal order (B2)."""
+        if self._core is None:
+            return
+        free, waiting = self._core.spill(-1 if size is None else self._class_index[size])
+        pages = self._p
+        for block in free:
+            pages.untake(block)
+        for block, goal in waiting:
+            pages.requeue(block, goal)
+
+    def _stock(self, size: int) -> None:
+        """(Under the lock.) Hand the core up to STOCK free blocks of class
+        ``size``. Only free ones: carving ahead would hand out fresh blocks
+        while safe ones wait uncollected (reuse first, as acquire() does)."""
+        pages, core, index = self._p, self._core, self._class_index[size]
+        for _ in range(STOCK):
+            block = pages.take_free(size)
+            if block is None:
+                return
+            core.stock(index, block, block.page.addr + block.offset)
+
+    def _trim_from_core(self) -> None:
+        """Every 256th block the core takes back: the trim rule of release()."""
+        with self._lock:
+            if not self._closed:
+                self._maybe_trim()
 
     def __repr__(self) -> str:
         return f"<qsbr.BufferPool classes={self._classes} pages={len(self._p.pages)}>"
@@ -210,13 +283,33 @@ class BufferPool(Backpressure, DebugPool):
             # one carved while few blocks wait for their grace period (fewer
             # than _poll_at: see pool_backpressure.py).
             self._check_open()
-            block = self._p.take(size, carve=len(self._p.waiting[size]) < self._poll_at[size])
+            block = self._p.take(size, carve=self._waiting(size) < self._poll_at[size])
             if block is not None:
                 return self._hand_out(block, nbytes)
         pages = self._p
-        return self._acquire_slow(
-            nbytes, lambda: pages.take(size, carve=True) or pages.grow(size), timeout, size
-        )
+        return self._acquire_slow(nbytes, lambda: pages.take(size, carve=True) or self._grow(size), timeout, size)
+
+    #: The Python path of acquire() (the C fast path passes its misses here).
+    _acquire_python = acquire
+
+    def _grow(self, size: int) -> Block | None:
+        """(Under the lock.) PageSet.grow, once the core holds nothing back:
+        a page changes class only when all its blocks are free (B1)."""
+        if self._core is not None:
+            self._sync()
+            block = self._p.take(size, carve=True)  # perhaps one the core held is safe now
+            if block is not None:
+                return block
+        return self._p.grow(size)
+
+    def _waiting(self, size: int) -> int:
+        """(Under the lock.) Blocks of class ``size`` waiting for their grace period."""
+        n = len(self._p.waiting[size])
+        return n if self._core is None else n + self._core.waiting(self._class_index[size])
+
+    def _try_core(self, nbytes: int) -> memoryview | None:
+        """After a poll: a block the core holds may be safe now (B5)."""
+        return None if self._core is None else self._core.try_acquire(nbytes)
 
     def buffer(self, nbytes: int, *, timeout: float | None = None) -> _Lease:
         """``with pool.buffer(n) as view:`` the view is given back on exit.
@@ -255,6 +348,15 @@ class BufferPool(Backpressure, DebugPool):
         """(Under the lock.) Debug mode checks the poison first."""
         if block.poisoned:
             self._check_poison(block)
+        core = self._core
+        if core is not None and not block.page.large:
+            # Out through a lease, so its release takes the fast path; and
+            # the class's next acquires too.
+            view: memoryview = core.hand_out(
+                self._class_index[block.size], block, block.page.addr + block.offset, nbytes
+            )
+            self._stock(block.size)
+            return view
         view = byte_view(block.page.mem, block.offset, block.offset + nbytes)
         tokens: list[object] = [_LAST]  # a fresh list: a stale view's race can only touch the old one
         if self._debug:
@@ -270,6 +372,11 @@ class BufferPool(Backpressure, DebugPool):
         """The page memory and offset of a view that is out (for
         SharedArray, which makes its readers' views from the page itself)."""
         with self._lock:
+            if self._core is not None:
+                where = self._core.location(view)
+                if where is not None:
+                    lent, start = where
+                    return lent.page.mem, lent.offset + start
             block, offset = self._out[id(view) >> 4 & OUT_SHARD_MASK][id(view)][1:3]
             assert block is not None
             return block.page.mem, offset
@@ -307,6 +414,9 @@ class BufferPool(Backpressure, DebugPool):
             with self._lock:
                 return self._slice(view, start, stop)
         return self._slice(view, start, stop)
+
+    #: The Python path of slice() (the C fast path passes what it cannot serve).
+    _slice_python = slice
 
     def _slice(self, view: memoryview, start: int, stop: int) -> memoryview:
         """(Lock-free outside debug mode: see the module docstring.)"""
@@ -354,7 +464,7 @@ class BufferPool(Backpressure, DebugPool):
             # _release() inlined for a view that is out (the common case).
             shard = self._out[id(view) >> 4 & OUT_SHARD_MASK]
             entry = shard.pop(id(view), None)  # atomic: of two racing releases, one gets it
-            if entry is not None and entry[0] is view:
+            if entry is not None and entry[0] is view and not is_released(view):
                 if entry[3] is not None and entry[3].pop() is _LAST:
                     with self._lock:  # the block's last view is back (the token invariant)
                         self._give_back(entry[1])  # type: ignore[arg-type] # (tokens: a block)
@@ -370,6 +480,9 @@ class BufferPool(Backpressure, DebugPool):
         else:
             self._release(view)
 
+    #: The Python path of release() (the C fast path passes what it cannot serve).
+    _release_python = release
+
     def _release(self, view: memoryview) -> Block | None:
         """(Lock-free outside debug mode, until the block itself goes back.)
         Returns the block if this was its last view and debug mode is on."""
@@ -377,9 +490,15 @@ class BufferPool(Backpressure, DebugPool):
             raise ValueError("this BufferPool is closed")
         shard = self._out[id(view) >> 4 & OUT_SHARD_MASK]
         entry = shard.pop(id(view), None)  # atomic: of two racing releases, one gets it
-        if entry is None or (entry[0]() if self._debug else entry[0]) is not view:
+        if entry is None or (entry[0]() if self._debug else entry[0]) is not view or is_released(view):
             if entry is not None:
                 shard[id(view)] = entry
+            if is_released(view):
+                raise ValueError(
+                    "BufferPool.release(): this view was released with memoryview.release() (as "
+                    "`with pool.acquire(n) as v:` does) before it was given back: its block stays out. "
+                    "Give views back with pool.release(), or use `with pool.buffer(n) as v:`"
+                )
             raise ValueError(
                 "BufferPool.release(): this view is not out: it was released already, or it did "
                 "not come from this pool (pass a view acquire() or slice() returned, not a copy)"
@@ -411,6 +530,7 @@ class BufferPool(Backpressure, DebugPool):
         the bytes given back."""
         with self._lock:
             self._check_open()
+            self._sync()
             return self._p.trim(lambda page: True)
 
     def _maybe_trim(self) -> None:
@@ -418,7 +538,14 @@ class BufferPool(Backpressure, DebugPool):
         ``trim_after`` seconds is given back by the next acquire() that has
         to poll, or every TRIM_EVERY-th release()."""
         if self._trim_after is not None:
-            cutoff = time.monotonic() - self._trim_after
+            now = time.monotonic()
+            if self._core is not None and now >= self._next_spill:
+                # A page whose blocks the core holds is not free until they
+                # come back: take them back now and then (the LIFO stocks
+                # the most recent again; idle pages stay free and age).
+                self._sync()
+                self._next_spill = now + min(self._trim_after / 4, 1.0)
+            cutoff = now - self._trim_after
             self._p.trim(lambda page: page.free_since is not None and page.free_since <= cutoff)
 
     # -- observers and lifetime ------------------------------------------
@@ -427,6 +554,7 @@ class BufferPool(Backpressure, DebugPool):
         with self._lock:
             if self._closed:
                 return PoolStats(0, self._page_size, 0, self._max_bytes, {}, closed=True)
+            self._sync()
             p = self._p
             out, waiting, free = p.byte_counts()
             return PoolStats(
@@ -458,6 +586,8 @@ class BufferPool(Backpressure, DebugPool):
                 self._check_leaks(at_close=True)
             self._closed = True
             self._fast = False
+            if self._core is not None:
+                self._core.close()  # views out stay valid: each lease holds its block's page
             self._p.clear()
             for shard in self._out:
                 shard.clear()
@@ -471,6 +601,21 @@ class BufferPool(Backpressure, DebugPool):
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this BufferPool is closed")
+
+
+def _python_path(pool: BufferPool, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` (a BufferPool function) called on ``pool`` through a weak
+    reference: the core the pool holds must not keep it alive."""
+    ref = weakref.ref(pool)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        obj = ref()
+        if obj is None:
+            raise ReferenceError("this BufferPool no longer exists")
+        return func(obj, *args, **kwargs)
+
+    call.__qualname__ = f"BufferPool.{func.__name__} (Python path)"
+    return call
 
 
 def _refuse_slice(view: object, start: object, stop: object) -> None:

@@ -1,8 +1,8 @@
 """Which kernel this process runs on: the C twin or the pure-Python one.
 
 The kernel (wr_seq, the threads' seqs, quiescent(), attach/detach, the read
-sections, advance() with its timing records, the scan's loads and the loop
-that runs releases) comes in two twins of identical behaviour:
+sections, advance() with its timing records, the scan's loads, the loop
+that runs releases, and BufferPool's hot path) comes in two twins of identical behaviour:
 ``qsbr._kernel``, a C extension built at install time where a compiler was
 available, and ``qsbr._pykernel``, pure Python, the reference and the
 fallback. The choice is made once, at import:
@@ -12,6 +12,10 @@ fallback. The choice is made once, at import:
 
 ``IMPLEMENTATION`` (``qsbr.implementation``) says which: "native" or "python".
 Nothing else in the package imports either twin directly.
+
+One part has no Python twin in _pykernel.py: ``PoolCore``, the C fast path
+of a BufferPool, is None on the pure kernel, and the pool then runs the
+Python code that is its reference (buffer_pool.py, "The C fast path").
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "run_entries",
     "specialize",
     "MAX_DEPTH",
+    "PoolCore",
     "native_error",
     "Sink",
 ]
@@ -52,6 +57,7 @@ if TYPE_CHECKING:
         DetachedSection,
         DomainCore,
         GraceTiming,
+        PoolCore,
         ReadSection,
         ThreadCore,
         ThreadHandle,
@@ -67,6 +73,7 @@ elif _pure_requested():
         DetachedSection,
         DomainCore,
         GraceTiming,
+        PoolCore,
         ReadSection,
         ThreadCore,
         ThreadHandle,
@@ -84,6 +91,7 @@ else:
             DetachedSection,
             DomainCore,
             GraceTiming,
+            PoolCore,
             ReadSection,
             ThreadCore,
             ThreadHandle,
@@ -97,6 +105,7 @@ else:
             DetachedSection,
             DomainCore,
             GraceTiming,
+            PoolCore,
             ReadSection,
             ThreadCore,
             ThreadHandle,

@@ -25,7 +25,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .domain import Domain
 from .errors import PoolExhaustedError
@@ -57,6 +57,11 @@ class Backpressure:
         def _check_open(self) -> None: ...
         def _maybe_trim(self) -> None: ...
         def _hand_out(self, block: Block, nbytes: int) -> memoryview: ...
+        def _sync(self, size: int | None = None) -> None: ...
+        def _waiting(self, size: int) -> int: ...
+        def _try_core(self, nbytes: int) -> memoryview | None: ...
+
+    _core: Any
 
     def _acquire_slow(
         self,
@@ -69,30 +74,45 @@ class Backpressure:
         safe by now: poll once, then try again; without room, wait or raise.
         ``size``: the size class asked for (None for a large block)."""
         reached = self._poll_for_waiting()
+        if size is not None and (view := self._try_core(nbytes)) is not None:
+            return view
         with self._lock:
             self._check_open()
             if size is not None:
-                self._poll_at[size] = POLL_AFTER + (0 if reached else len(self._p.waiting[size]))
+                self._poll_at[size] = POLL_AFTER + (0 if reached else self._waiting(size))
             self._maybe_trim()
             block = attempt()
             if block is not None:
                 return self._hand_out(block, nbytes)
-        return self._wait_for_room(nbytes, attempt, timeout)
+        return self._wait_for_room(nbytes, attempt, timeout, size)
 
     def _poll_for_waiting(self) -> bool:
         """Outside our lock (a poll runs releases, which may use this pool):
-        one poll to the newest head goal covers every class's oldest block.
-        Returns whether that goal is reached (True when nothing waits)."""
+        one poll covers every class. It advances wr_seq to the newest goal
+        of any waiting block, so that the blocks released since the last
+        advance get a grace period of their own now: polling only to the
+        oldest goal left them all waiting for the next poll, and the next
+        poll came later the more blocks waited (the pool grew without bound
+        in a plain acquire/release loop). Returns whether the newest head
+        goal (every class's oldest block) is reached (True when nothing
+        waits)."""
         with self._lock:
-            heads = self._p.head_goals()
-        if not heads:
+            goals = self._p.goals()
+            if self._core is not None:
+                goals += self._core.goals()
+        if not goals:
             return True
         if self._debug:
             return self._domain.poll()  # runs the grace-period callbacks (buffer_pool.py's docstring)
-        return self._domain.goal_reached(max(heads)) or self._domain.poll(max(heads))
+        domain = self._domain
+        head = max(h for h, _ in goals)
+        if domain.goal_reached(head):
+            return True
+        domain.poll(max(t for _, t in goals))
+        return domain.goal_reached(head)
 
     def _wait_for_room(
-        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None
+        self, nbytes: int, attempt: Callable[[], Block | None], timeout: float | None, size: int | None
     ) -> memoryview:
         if self._on_full == "raise":
             raise self._exhausted_error(nbytes, 0.0)
@@ -107,6 +127,8 @@ class Backpressure:
             delay = 1e-4
             while True:
                 self._poll_for_waiting()
+                if size is not None and (view := self._try_core(nbytes)) is not None:
+                    return view
                 with self._lock:
                     self._check_open()
                     block = attempt()
@@ -121,6 +143,7 @@ class Backpressure:
     def _exhausted_error(self, nbytes: int, waited: float) -> PoolExhaustedError:
         with self._lock:
             self._exhausted += 1
+            self._sync()
             out, waiting, _ = self._p.byte_counts()
             heads = self._p.head_goals()
         assert self._max_bytes is not None

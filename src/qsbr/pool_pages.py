@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - a CPython without ctypes
     ctypes = None  # type: ignore[assignment]
 
-__all__ = ["PageSet", "Page", "Block", "new_memory", "byte_view", "poison", "POISON"]
+__all__ = ["PageSet", "Page", "Block", "new_memory", "address_of", "byte_view", "poison", "POISON"]
 
 POISON = 0xDB  # what debug mode writes over a block once it is safe
 _POISONS: dict[int, bytes] = {}
@@ -40,6 +40,12 @@ def new_memory(nbytes: int) -> Any:
     """Zeroed memory that exports buffers without a shared count: a ctypes
     byte array (a bytearray where there is no ctypes)."""
     return (ctypes.c_ubyte * nbytes)() if ctypes is not None else bytearray(nbytes)
+
+
+def address_of(mem: Any) -> int | None:
+    """The address of ``mem``'s first byte, for the C fast path (None for a
+    bytearray: its memory may move, and the fast path is then off)."""
+    return ctypes.addressof(mem) if ctypes is not None and not isinstance(mem, bytearray) else None
 
 
 def byte_view(mem: Any, start: int, stop: int) -> memoryview:
@@ -56,10 +62,13 @@ def poison(size: int) -> bytes:
 
 
 class Page:
-    __slots__ = ("mem", "size", "block_size", "nblocks", "carved", "out", "last_goal", "free_since", "large")
+    __slots__ = (
+        "mem", "addr", "size", "block_size", "nblocks", "carved", "out", "last_goal", "free_since", "large"
+    )
 
     def __init__(self, size: int, large: bool = False) -> None:
         self.mem = new_memory(size)  # never resized: views of it stay valid
+        self.addr = address_of(self.mem)  # its first byte, while mem lives
         self.size = size
         self.block_size = 0
         self.nblocks = 0
@@ -125,6 +134,27 @@ class PageSet:
         page.free_since = None
         self.in_use[size] += 1
         return block
+
+    def take_free(self, size: int) -> Block | None:
+        """take() of a block already free (no collecting, no carving), or None."""
+        return self.take(size, carve=False) if self.free[size] else None
+
+    def untake(self, block: Block) -> None:
+        """A block taken, never handed out (the C fast path's stock): free
+        again, as a block whose grace period ended."""
+        self.in_use[block.size] -= 1
+        self._freed(block)
+
+    def requeue(self, block: Block, goal: int) -> None:
+        """A block whose views all came back through the C fast path, which
+        tagged it with ``goal`` then: it waits, as retire() makes it wait.
+        Spills come in goal order (buffer_pool.py), so queues stay ascending."""
+        block.goal = goal
+        block.safe = False
+        page = block.page
+        page.last_goal = max(page.last_goal, goal)
+        self.in_use[block.size] -= 1
+        self.waiting[block.size].append(block)
 
     def give_back(self, block: Block) -> None:
         """A block taken but not handed out: free again."""
@@ -236,6 +266,11 @@ class PageSet:
         if self.large_waiting:
             heads.append(self.large_waiting[0].goal)
         return heads
+
+    def goals(self) -> list[tuple[int, int]]:
+        """(oldest goal, newest goal) of every waiting queue that is not empty."""
+        queues = [*self.waiting.values(), self.large_waiting]
+        return [(w[0].goal, w[-1].goal) for w in queues if w]
 
     # -- giving memory back --------------------------------------------------
 
