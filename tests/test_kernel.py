@@ -410,7 +410,11 @@ def test_memory_is_flat_over_retire_poll_cell_and_pool_loops() -> None:
                 _ = cell.value
                 buf = pool.acquire(256)
                 buf[0] = 1
+                frame = pool.slice(buf, 1, 9)
                 pool.release(buf)
+                pool.release(frame)
+                if i % 500 == 0:
+                    pool.stats()  # spills the C fast path's blocks back to the pages
                 domain.quiescent()
             domain.barrier(10)
 

@@ -19,7 +19,11 @@
  *                    method specializes only for the method's exact type)
  *   ReadSection      `with domain.attached():` (levels as bits of a uint64)
  *   DetachedSection  `with domain.detached():`
- *   GraceTiming      the times of the advances rd_seq has not reached (I8)
+ *   GraceTiming      the times of the advances rd_seq has not reached (I8),
+ *                    and the last rd_seq published (B5)
+ *   PoolCore         one BufferPool's hot path: free stacks and goal FIFOs
+ *                    per size class (B1-B6, below with the type)
+ *   PoolLease        what exports each view a PoolCore hands out
  * and scan_slots(), the loads of one step of the rd_seq scan, and
  * run_entries(), the loop that runs a batch's releases (deferred.py).
  *
@@ -2073,17 +2077,24 @@ run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       and slice test `view is lease->view` under the lock, so a copy
  *       (memoryview(view), view[a:b]) or a view released already is refused
  *       (the Python path then raises its error).
+ *   B4. Nothing under the lock calls into Python, allocates a Python object
+ *       or frees one: a PyMutex on free-threaded builds, the GIL otherwise.
+ *       The free stack and the FIFO of a class each have room for every
+ *       block the class owns (reserved when a block joins the core), so no
+ *       push under the lock can fail and nothing is lost.
  *   B5. The fast path reuses a block once its goal <= the rd_seq the
  *       domain's GraceTiming last published (GraceTiming.rd_seq, I8's
  *       object): a value the domain's rd_seq reached, stored with release
  *       order after the scan that certified it and loaded here with acquire
  *       order, so the readers' quiescent states that made it safe happen
  *       before the block's reuse.
- *   B4. Nothing under the lock calls into Python, allocates a Python object
- *       or frees one: a PyMutex on free-threaded builds, the GIL otherwise.
- *       The free stack and the FIFO of a class each have room for every
- *       block the class owns (reserved when a block joins the core), so no
- *       push under the lock can fail and nothing is lost.
+ *   B6. Once ADVANCE_AFTER blocks wait in a FIFO and its oldest one's goal
+ *       is past wr_seq (no advance since it came back), the release that
+ *       queued the last one advances wr_seq (after the lock): the grace
+ *       period of the waiting blocks starts before the free stack runs out.
+ *       Left to the poll at that moment (the design's deferred advance),
+ *       the first poll of every refill failed and the pool carved fresh
+ *       blocks, and a plain acquire/release loop grew the pool for good.
  */
 
 typedef struct {
@@ -2116,6 +2127,8 @@ typedef struct {
      * every other call, with its arguments, to these. */
     PyObject *slow_acquire, *slow_release, *slow_slice;
     PyObject *every_256th_give_back;   /* or None */
+    PyObject *advance;       /* the domain's advance() */
+    int advance_in_c;        /* it is DomainCore.advance: call advance_and_record() */
     Py_ssize_t nclasses;
     pool_class *classes;
     int64_t given_back;  /* blocks queued in a FIFO by a release */
@@ -2279,12 +2292,14 @@ reserve_one_locked(pool_class *pc)
     return 0;
 }
 
-/* Queue a root lease's block (its last view is back: tokens == 0). */
-static void
+/* Queue a root lease's block (its last view is back: tokens == 0).
+ * Returns whether the caller must advance wr_seq after the lock (B6). */
+#define ADVANCE_AFTER 32  /* buffer_pool.py's POLL_AFTER */
+static int
 queue_block_locked(PoolCore *self, PoolLease *root)
 {
     if (self->closed) {
-        return;  /* the pool dropped its pages: the lease keeps the block until it goes */
+        return 0;  /* the pool dropped its pages: the lease keeps the block until it goes */
     }
     pool_class *pc = &self->classes[root->cls];
     if (pc->wait_end == pc->cap) {  /* compact: the FIFO holds < cap (B4) */
@@ -2295,9 +2310,24 @@ queue_block_locked(PoolCore *self, PoolLease *root)
     }
     /* B2: the goal is loaded (acquire) after every view of the block came
      * back, under the lock that orders the FIFO. */
-    pool_slot slot = {Py_NewRef(root->block), root->buf, load_wr_seq(self->domain) + 2};
+    int64_t wr = load_wr_seq(self->domain);
+    pool_slot slot = {Py_NewRef(root->block), root->buf, wr + 2};
     pc->wait[pc->wait_end++] = slot;
     self->given_back++;
+    return pc->wait_end - pc->wait_head >= ADVANCE_AFTER && pc->wait[pc->wait_head].goal > wr;
+}
+
+/* The advance queue_block_locked() asked for (outside the core's lock). */
+static int
+start_grace_period(PoolCore *self)
+{
+    if (self->advance_in_c) {
+        (void)advance_and_record(self->domain);
+        return 0;
+    }
+    PyObject *r = PyObject_CallNoArgs(self->advance);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
 }
 
 /* A view of `len` bytes at `buf` for a new lease (a root when `root` is
@@ -2337,10 +2367,11 @@ static PyObject *
 PoolCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"domain", "sizes", "slow_acquire", "slow_release", "slow_slice",
-                             "every_256th_give_back", NULL};
-    PyObject *domain, *sizes, *acq, *rel, *sli, *trim;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOO:PoolCore", kwlist, &domain, &PyTuple_Type,
-                                     &sizes, &acq, &rel, &sli, &trim)) {
+                             "every_256th_give_back", "advance", "advance_in_c", NULL};
+    PyObject *domain, *sizes, *acq, *rel, *sli, *trim, *advance;
+    int advance_in_c;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOOOp:PoolCore", kwlist, &domain, &PyTuple_Type,
+                                     &sizes, &acq, &rel, &sli, &trim, &advance, &advance_in_c)) {
         return NULL;
     }
     PyObject *module = PyType_GetModuleByDef(type, &kernel_module);
@@ -2385,6 +2416,8 @@ PoolCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->slow_release = Py_NewRef(rel);
     self->slow_slice = Py_NewRef(sli);
     self->every_256th_give_back = Py_NewRef(trim);
+    self->advance = Py_NewRef(advance);
+    self->advance_in_c = advance_in_c && self->timing != NULL;
     self->nclasses = n;
     self->classes = classes;
     return (PyObject *)self;
@@ -2401,6 +2434,7 @@ PoolCore_traverse(PoolCore *self, visitproc visit, void *arg)
     Py_VISIT(self->slow_release);
     Py_VISIT(self->slow_slice);
     Py_VISIT(self->every_256th_give_back);
+    Py_VISIT(self->advance);
     for (Py_ssize_t i = 0; self->classes && i < self->nclasses; i++) {
         pool_class *pc = &self->classes[i];
         for (Py_ssize_t j = 0; j < pc->nfree; j++) {
@@ -2460,6 +2494,7 @@ PoolCore_clear(PoolCore *self)
     Py_CLEAR(self->slow_release);
     Py_CLEAR(self->slow_slice);
     Py_CLEAR(self->every_256th_give_back);
+    Py_CLEAR(self->advance);
     return 0;
 }
 
@@ -2584,13 +2619,13 @@ PoolCore_waiting(PoolCore *self, PyObject *arg)
     return PyLong_FromSsize_t(n);
 }
 
-/* goals(): (head goal, tail goal) of every non-empty FIFO: its oldest and
- * its newest block's. */
+/* goals(): (class index, head goal, tail goal) of every non-empty FIFO: its
+ * oldest and its newest block's. */
 static PyObject *
 PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
 {
     Py_ssize_t n = self->nclasses, k = 0;
-    int64_t *goals = PyMem_RawMalloc((size_t)n * 2 * sizeof(int64_t));
+    int64_t *goals = PyMem_RawMalloc((size_t)n * 3 * sizeof(int64_t));
     if (goals == NULL) {
         return PyErr_NoMemory();
     }
@@ -2598,15 +2633,17 @@ PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
     for (Py_ssize_t i = 0; i < n; i++) {
         pool_class *pc = &self->classes[i];
         if (pc->wait_head < pc->wait_end) {
-            goals[2 * k] = pc->wait[pc->wait_head].goal;
-            goals[2 * k + 1] = pc->wait[pc->wait_end - 1].goal;
+            goals[3 * k] = i;
+            goals[3 * k + 1] = pc->wait[pc->wait_head].goal;
+            goals[3 * k + 2] = pc->wait[pc->wait_end - 1].goal;
             k++;
         }
     }
     CORE_UNLOCK(self);
     PyObject *list = PyList_New(k);
     for (Py_ssize_t i = 0; list != NULL && i < k; i++) {
-        PyObject *g = Py_BuildValue("(LL)", (long long)goals[2 * i], (long long)goals[2 * i + 1]);
+        PyObject *g = Py_BuildValue("(LLL)", (long long)goals[3 * i], (long long)goals[3 * i + 1],
+                                    (long long)goals[3 * i + 2]);
         if (g == NULL) {
             Py_CLEAR(list);
             break;
@@ -2623,20 +2660,23 @@ PoolCore_release(PoolCore *self, PyObject *view)
     PoolLease *lease = lease_of(self, view);
     if (lease != NULL) {
         PyObject *was = NULL;
-        int trim = 0;
+        int trim = 0, advance = 0;
         CORE_LOCK(self);
         if (!self->closed && lease->view == view) {
             was = lease->view;  /* B3: of two racing releases, one finds it */
             lease->view = NULL;
             PoolLease *root = lease->root ? lease->root : lease;
             if (--root->tokens == 0) {
-                queue_block_locked(self, root);
+                advance = queue_block_locked(self, root);
                 trim = (self->given_back & 255) == 0;
             }
         }
         CORE_UNLOCK(self);
         if (was != NULL) {
             Py_DECREF(was);
+            if (advance && start_grace_period(self) < 0) {
+                return NULL;
+            }
             if (trim && self->every_256th_give_back != Py_None) {
                 return PyObject_CallNoArgs(self->every_256th_give_back);
             }
@@ -2681,7 +2721,7 @@ PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
                 if (view == NULL) {
                     CORE_LOCK(self);
                     if (--root->tokens == 0) {  /* `view` was released meanwhile */
-                        queue_block_locked(self, root);
+                        (void)queue_block_locked(self, root);  /* (the next release advances) */
                     }
                     CORE_UNLOCK(self);
                 }
@@ -2942,7 +2982,7 @@ static PyMethodDef PoolCore_methods[] = {
     {"waiting", (PyCFunction)PoolCore_waiting, METH_O,
      "waiting($self, cls, /)\n--\n\nHow many blocks of class cls wait in the core."},
     {"goals", (PyCFunction)PoolCore_goals, METH_NOARGS,
-     "goals($self, /)\n--\n\n(oldest goal, newest goal) of every class's waiting FIFO that is not empty."},
+     "goals($self, /)\n--\n\n(class index, oldest goal, newest goal) of every waiting FIFO that is not empty."},
     {"release", (PyCFunction)PoolCore_release, METH_O,
      "release($self, view, /)\n--\n\n"
      "BufferPool.release(): a view this core made, else the Python path."},

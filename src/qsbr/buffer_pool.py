@@ -49,6 +49,26 @@ threads at once corrupt it (a bytearray: 6 in 20 trials). A ctypes array
 keeps no such count. Every view is made fresh from its page, never by
 slicing a memoryview another thread also uses.
 
+The C fast path. On the native kernel a plain pool (not in debug mode, its
+hot methods and PageSet not overridden) has a ``PoolCore`` (_kernel.c, whose
+header states its invariants B1-B6): ``pool.acquire``, ``pool.release`` and
+``pool.slice`` are then the core's C methods. Per size class the core keeps
+a stack of free blocks and a FIFO of released blocks tagged with goal =
+wr_seq + 2; acquire() pops a free block, first moving the FIFO's heads
+whose goal the domain's published rd_seq has reached (B5). Each view it
+makes is exported by a ``PoolLease`` (``view.obj``), so release() finds
+the block from the view itself (no ``_out`` entry) and refuses a copy (B3).
+Whatever the core cannot serve (a miss, a size above the largest class or
+0, a view it did not make, any error) goes to this module's Python code,
+the reference, which keeps the policy: carving, polling, pages, trim,
+max_bytes, stats. The Python path hands its blocks out through the core
+(``_hand_out``) and stocks it with up to STOCK free blocks; every block the
+core holds counts as taken in the PageSet (B1), and ``_sync()`` takes the
+core's free and waiting blocks back before anything that reads the PageSet's
+(stats, trim, a page changing class, exhaustion). Without ctypes, on the
+pure kernel, or in debug mode, there is no core and this module's code runs
+alone; tests/test_pool_core.py runs the same steps on both and compares.
+
 Debug mode (``debug=True``, or a debug-mode domain): a released block is
 also retired to the domain, and when its grace period ends (at whichever
 poll finds it safe) it is filled with 0xDB; only then may it be reused. The
@@ -206,6 +226,8 @@ class BufferPool(Backpressure, DebugPool):
             _python_path(self, BufferPool._release_python),
             _python_path(self, BufferPool._slice_python),
             None if self._trim_after is None else _python_path(self, BufferPool._trim_from_core),
+            self._domain.advance,
+            type(self._domain).advance is kernel.DomainCore.advance,
         )
         self._core = core
         # The hot methods, bound to the core: no Python frame on a hit. The
@@ -241,7 +263,7 @@ class BufferPool(Backpressure, DebugPool):
             block = pages.take_free(size)
             if block is None:
                 return
-            core.stock(index, block, block.page.addr + block.offset)
+            core.stock(index, block, _address(block))
 
     def _trim_from_core(self) -> None:
         """Every 256th block the core takes back: the trim rule of release()."""
@@ -287,7 +309,9 @@ class BufferPool(Backpressure, DebugPool):
             if block is not None:
                 return self._hand_out(block, nbytes)
         pages = self._p
-        return self._acquire_slow(nbytes, lambda: pages.take(size, carve=True) or self._grow(size), timeout, size)
+        return self._acquire_slow(
+            nbytes, lambda: pages.take(size, carve=True) or self._grow(size), timeout, size
+        )
 
     #: The Python path of acquire() (the C fast path passes its misses here).
     _acquire_python = acquire
@@ -307,9 +331,18 @@ class BufferPool(Backpressure, DebugPool):
         n = len(self._p.waiting[size])
         return n if self._core is None else n + self._core.waiting(self._class_index[size])
 
-    def _try_core(self, nbytes: int) -> memoryview | None:
-        """After a poll: a block the core holds may be safe now (B5)."""
-        return None if self._core is None else self._core.try_acquire(nbytes)
+    def _try_core(self, nbytes: int, size: int) -> memoryview | None:
+        """After a poll: a block may be safe now, in the core's FIFO (B5) or
+        among those a spill left in the PageSet (collected and stocked here:
+        the core never looks there)."""
+        if self._core is None:
+            return None
+        with self._lock:
+            self._check_open()
+            self._p.collect(size)
+            self._stock(size)
+        view: memoryview | None = self._core.try_acquire(nbytes)
+        return view
 
     def buffer(self, nbytes: int, *, timeout: float | None = None) -> _Lease:
         """``with pool.buffer(n) as view:`` the view is given back on exit.
@@ -352,9 +385,7 @@ class BufferPool(Backpressure, DebugPool):
         if core is not None and not block.page.large:
             # Out through a lease, so its release takes the fast path; and
             # the class's next acquires too.
-            view: memoryview = core.hand_out(
-                self._class_index[block.size], block, block.page.addr + block.offset, nbytes
-            )
+            view: memoryview = core.hand_out(self._class_index[block.size], block, _address(block), nbytes)
             self._stock(block.size)
             return view
         view = byte_view(block.page.mem, block.offset, block.offset + nbytes)
@@ -517,7 +548,14 @@ class BufferPool(Backpressure, DebugPool):
         """(Under the lock.) The block waits for its grace period."""
         if self._closed:
             return None
-        self._p.retire(block)
+        pages = self._p
+        pages.retire(block)
+        if not block.page.large and not self._debug:
+            waiting = pages.waiting[block.size]
+            if len(waiting) >= POLL_AFTER and waiting[0].goal > block.goal - 2:
+                # B6 (_kernel.c, queue_block_locked): start the grace period
+                # of the blocks waiting, before the free ones run out.
+                self._domain.advance()
         self._releases += 1
         if self._releases % TRIM_EVERY == 0:
             self._maybe_trim()
@@ -601,6 +639,13 @@ class BufferPool(Backpressure, DebugPool):
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("this BufferPool is closed")
+
+
+def _address(block: Block) -> int:
+    """The address of ``block``'s first byte (the core needs ctypes pages)."""
+    addr = block.page.addr
+    assert addr is not None, "the C fast path runs only on ctypes pages"
+    return addr + block.offset
 
 
 def _python_path(pool: BufferPool, func: Callable[..., Any]) -> Callable[..., Any]:

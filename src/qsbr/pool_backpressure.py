@@ -51,6 +51,7 @@ class Backpressure:
     _full_waits: int
     _exhausted: int
     _poll_at: dict[int, int]
+    _classes: list[int]
 
     if TYPE_CHECKING:  # BufferPool's own, used here
 
@@ -59,7 +60,7 @@ class Backpressure:
         def _hand_out(self, block: Block, nbytes: int) -> memoryview: ...
         def _sync(self, size: int | None = None) -> None: ...
         def _waiting(self, size: int) -> int: ...
-        def _try_core(self, nbytes: int) -> memoryview | None: ...
+        def _try_core(self, nbytes: int, size: int) -> memoryview | None: ...
 
     _core: Any
 
@@ -74,7 +75,7 @@ class Backpressure:
         safe by now: poll once, then try again; without room, wait or raise.
         ``size``: the size class asked for (None for a large block)."""
         reached = self._poll_for_waiting()
-        if size is not None and (view := self._try_core(nbytes)) is not None:
+        if size is not None and (view := self._try_core(nbytes, size)) is not None:
             return view
         with self._lock:
             self._check_open()
@@ -99,16 +100,21 @@ class Backpressure:
         with self._lock:
             goals = self._p.goals()
             if self._core is not None:
-                goals += self._core.goals()
+                # A class's blocks may wait in two queues (a spill left some
+                # in the PageSet): its oldest is the older of the two heads.
+                for index, head, tail in self._core.goals():
+                    size = self._classes[index]
+                    h, t = goals.get(size, (head, tail))
+                    goals[size] = (min(h, head), max(t, tail))
         if not goals:
             return True
         if self._debug:
             return self._domain.poll()  # runs the grace-period callbacks (buffer_pool.py's docstring)
         domain = self._domain
-        head = max(h for h, _ in goals)
+        head = max(h for h, _ in goals.values())
         if domain.goal_reached(head):
             return True
-        domain.poll(max(t for _, t in goals))
+        domain.poll(max(t for _, t in goals.values()))
         return domain.goal_reached(head)
 
     def _wait_for_room(
@@ -127,7 +133,7 @@ class Backpressure:
             delay = 1e-4
             while True:
                 self._poll_for_waiting()
-                if size is not None and (view := self._try_core(nbytes)) is not None:
+                if size is not None and (view := self._try_core(nbytes, size)) is not None:
                     return view
                 with self._lock:
                     self._check_open()

@@ -63,7 +63,16 @@ def poison(size: int) -> bytes:
 
 class Page:
     __slots__ = (
-        "mem", "addr", "size", "block_size", "nblocks", "carved", "out", "last_goal", "free_since", "large"
+        "mem",
+        "addr",
+        "size",
+        "block_size",
+        "nblocks",
+        "carved",
+        "out",
+        "last_goal",
+        "free_since",
+        "large",
     )
 
     def __init__(self, size: int, large: bool = False) -> None:
@@ -267,10 +276,11 @@ class PageSet:
             heads.append(self.large_waiting[0].goal)
         return heads
 
-    def goals(self) -> list[tuple[int, int]]:
-        """(oldest goal, newest goal) of every waiting queue that is not empty."""
-        queues = [*self.waiting.values(), self.large_waiting]
-        return [(w[0].goal, w[-1].goal) for w in queues if w]
+    def goals(self) -> dict[int, tuple[int, int]]:
+        """{size class (0: large blocks): (oldest goal, newest goal)} of every
+        waiting queue that is not empty."""
+        queues = [*self.waiting.items(), (0, self.large_waiting)]
+        return {size: (w[0].goal, w[-1].goal) for size, w in queues if w}
 
     # -- giving memory back --------------------------------------------------
 
