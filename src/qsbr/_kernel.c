@@ -2097,10 +2097,11 @@ run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       blocks, and a plain acquire/release loop grew the pool for good.
  */
 
+struct PoolLease;
+
 typedef struct {
-    PyObject *block;   /* the pool_pages.Block, strong */
-    char *buf;         /* its first byte */
-    int64_t goal;      /* in a FIFO: when it may be reused (B2) */
+    struct PoolLease *lease;  /* the block's root lease, strong: it holds the Block and its address */
+    int64_t goal;             /* in a FIFO: when it may be reused (B2) */
 } pool_slot;
 
 typedef struct {
@@ -2134,13 +2135,19 @@ typedef struct {
     int64_t given_back;  /* blocks queued in a FIFO by a release */
 } PoolCore;
 
+/* A block has one root lease while the core holds it: it exports the view
+ * acquire() hands out, each time the block goes out (len is that view's),
+ * and stays with the block in the free stack and the FIFO, so that a hit
+ * allocates no lease. A slice gets a lease of its own. A view released
+ * already keeps its lease alive, and may see it reused: `view` tells its
+ * current view from every earlier one (B3). */
 typedef struct PoolLease {
     PyObject_HEAD
     PoolCore *core;
     struct PoolLease *root;  /* a slice's: the lease of its block's acquired view */
     PyObject *block;         /* a root's: the Block (keeps its page alive) */
     char *buf;
-    Py_ssize_t len;
+    Py_ssize_t len;          /* a root's: set under the core's lock while not out */
     Py_ssize_t start;        /* where the view starts in its block */
     PyObject *view;          /* strong, while the view is out (B3) */
     Py_ssize_t tokens;       /* a root's (B3) */
@@ -2311,7 +2318,7 @@ queue_block_locked(PoolCore *self, PoolLease *root)
     /* B2: the goal is loaded (acquire) after every view of the block came
      * back, under the lock that orders the FIFO. */
     int64_t wr = load_wr_seq(self->domain);
-    pool_slot slot = {Py_NewRef(root->block), root->buf, wr + 2};
+    pool_slot slot = {(PoolLease *)Py_NewRef(root), wr + 2};
     pc->wait[pc->wait_end++] = slot;
     self->given_back++;
     return pc->wait_end - pc->wait_head >= ADVANCE_AFTER && pc->wait[pc->wait_head].goal > wr;
@@ -2330,12 +2337,11 @@ start_grace_period(PoolCore *self)
     return r == NULL ? -1 : 0;
 }
 
-/* A view of `len` bytes at `buf` for a new lease (a root when `root` is
- * NULL: it takes `block`, a new reference, with tokens = 1; a slice's root
- * already counted its token). NULL on error, `block` still the caller's. */
-static PyObject *
-new_view(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char *buf, Py_ssize_t len,
-         Py_ssize_t start)
+/* A new lease: a root (root == NULL: of `block`, not out yet, tokens 0)
+ * or a slice's (of `len` bytes at `buf`). */
+static PoolLease *
+new_lease(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char *buf, Py_ssize_t len,
+          Py_ssize_t start)
 {
     PoolLease *lease = PyObject_GC_New(PoolLease, self->lease_type);
     if (lease == NULL) {
@@ -2348,18 +2354,45 @@ new_view(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char 
     lease->len = len;
     lease->start = start;
     lease->view = NULL;
-    lease->tokens = root ? 0 : 1;
+    lease->tokens = 0;
     lease->cls = cls;
     PyObject_GC_Track(lease);
+    return lease;
+}
+
+/* A slice's view: a new lease (its root already counted its token). */
+static PyObject *
+slice_view(PoolCore *self, PoolLease *root, char *buf, Py_ssize_t len, Py_ssize_t start)
+{
+    PoolLease *lease = new_lease(self, root, NULL, root->cls, buf, len, start);
+    if (lease == NULL) {
+        return NULL;
+    }
     PyObject *view = PyMemoryView_FromObject((PyObject *)lease);
     if (view != NULL) {
-        /* Out from here (B3). Nobody else has the lease yet: no lock. */
+        /* Out from here (B3). Nobody else has the new lease yet: no lock. */
         lease->view = Py_NewRef(view);
     }
-    else {
-        lease->tokens = 0;  /* never out */
-    }
     Py_DECREF(lease);  /* the view's buffer holds it */
+    return view;
+}
+
+/* The view of a root lease the caller took out of the core (free -> out,
+ * B1), whose len and tokens (1) it set under the lock. NULL on error: the
+ * lease is not out, and still the caller's. */
+static PyObject *
+root_view(PoolCore *self, PoolLease *root)
+{
+    PyObject *view = PyMemoryView_FromObject((PyObject *)root);
+    if (view == NULL) {
+        return NULL;
+    }
+    /* Out from here (B3): under the lock, as a release of one of the
+     * lease's earlier views may be testing `view` now. */
+    Py_INCREF(view);
+    CORE_LOCK(self);
+    root->view = view;
+    CORE_UNLOCK(self);
     return view;
 }
 
@@ -2438,10 +2471,10 @@ PoolCore_traverse(PoolCore *self, visitproc visit, void *arg)
     for (Py_ssize_t i = 0; self->classes && i < self->nclasses; i++) {
         pool_class *pc = &self->classes[i];
         for (Py_ssize_t j = 0; j < pc->nfree; j++) {
-            Py_VISIT(pc->free[j].block);
+            Py_VISIT(pc->free[j].lease);
         }
         for (Py_ssize_t j = pc->wait_head; j < pc->wait_end; j++) {
-            Py_VISIT(pc->wait[j].block);
+            Py_VISIT(pc->wait[j].lease);
         }
     }
     return 0;
@@ -2472,10 +2505,10 @@ drop_blocks(PoolCore *self)
     for (Py_ssize_t i = 0; classes && i < n; i++) {
         pool_class *pc = &classes[i];
         for (Py_ssize_t j = 0; j < pc->nfree; j++) {
-            Py_DECREF(pc->free[j].block);
+            Py_DECREF(pc->free[j].lease);
         }
         for (Py_ssize_t j = pc->wait_head; j < pc->wait_end; j++) {
-            Py_DECREF(pc->wait[j].block);
+            Py_DECREF(pc->wait[j].lease);
         }
         PyMem_RawFree(pc->free);
         PyMem_RawFree(pc->wait);
@@ -2548,26 +2581,31 @@ fast_acquire(PoolCore *self, PyObject *nbytes, int *missed)
         Py_ssize_t cls = overflow || n > PY_SSIZE_T_MAX ? -1 : class_of(self, (Py_ssize_t)n);
         if (cls >= 0) {
             pool_class *pc = &self->classes[cls];
-            pool_slot slot = {NULL, NULL, 0};
+            pool_slot slot = {NULL, 0};
             CORE_LOCK(self);
             int got = take_locked(self, pc, &slot);
+            if (got) {
+                slot.lease->len = (Py_ssize_t)n;
+                slot.lease->tokens = 1;
+            }
             CORE_UNLOCK(self);
             if (got) {
                 *missed = 0;
-                PyObject *view = new_view(self, NULL, slot.block, cls, slot.buf, (Py_ssize_t)n, 0);
+                PyObject *view = root_view(self, slot.lease);
                 if (view == NULL) {
                     CORE_LOCK(self);
+                    slot.lease->tokens = 0;
                     int back = !self->closed;
                     if (back) {
                         pc->free[pc->nfree++] = slot;  /* never out (room: B4) */
                     }
                     CORE_UNLOCK(self);
                     if (!back) {
-                        Py_DECREF(slot.block);
+                        Py_DECREF(slot.lease);
                     }
                     return NULL;
                 }
-                Py_DECREF(slot.block);  /* the lease holds it */
+                Py_DECREF(slot.lease);  /* the view's buffer holds it */
                 return view;
             }
         }
@@ -2601,7 +2639,8 @@ PoolCore_try_acquire(PoolCore *self, PyObject *nbytes)
     return view;
 }
 
-/* waiting(cls): how many blocks of class cls wait in the FIFO. */
+/* waiting(cls): (how many blocks of class cls wait in the FIFO, the oldest
+ * one's goal, the newest one's goal); the goals are 0 when none waits. */
 static PyObject *
 PoolCore_waiting(PoolCore *self, PyObject *arg)
 {
@@ -2613,10 +2652,16 @@ PoolCore_waiting(PoolCore *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "waiting(): no such class");
         return NULL;
     }
+    pool_class *pc = &self->classes[cls];
+    int64_t head = 0, tail = 0;
     CORE_LOCK(self);
-    Py_ssize_t n = self->classes[cls].wait_end - self->classes[cls].wait_head;
+    Py_ssize_t n = pc->wait_end - pc->wait_head;
+    if (n) {
+        head = pc->wait[pc->wait_head].goal;
+        tail = pc->wait[pc->wait_end - 1].goal;
+    }
     CORE_UNLOCK(self);
-    return PyLong_FromSsize_t(n);
+    return Py_BuildValue("(nLL)", n, (long long)head, (long long)tail);
 }
 
 /* goals(): (class index, head goal, tail goal) of every non-empty FIFO: its
@@ -2699,9 +2744,11 @@ PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
             long long stop = PyLong_AsLongLongAndOverflow(args[2], &o2);
             PoolLease *root = NULL;
             int out_of_range = 0;
+            Py_ssize_t len = 0;
             CORE_LOCK(self);
             if (!self->closed && lease->view == args[0]) {
-                if (o1 || o2 || start < 0 || start > stop || stop > lease->len) {
+                len = lease->len;
+                if (o1 || o2 || start < 0 || start > stop || stop > len) {
                     out_of_range = 1;
                 }
                 else {
@@ -2711,13 +2758,13 @@ PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
             }
             CORE_UNLOCK(self);
             if (out_of_range) {
-                PyErr_Format(PyExc_ValueError, "slice(): need 0 <= start <= stop <= %zd, got %S, %S",
-                             lease->len, args[1], args[2]);
+                PyErr_Format(PyExc_ValueError, "slice(): need 0 <= start <= stop <= %zd, got %S, %S", len,
+                             args[1], args[2]);
                 return NULL;
             }
             if (root != NULL) {
-                PyObject *view = new_view(self, root, NULL, root->cls, lease->buf + start,
-                                          (Py_ssize_t)(stop - start), lease->start + (Py_ssize_t)start);
+                PyObject *view = slice_view(self, root, lease->buf + start, (Py_ssize_t)(stop - start),
+                                            lease->start + (Py_ssize_t)start);
                 if (view == NULL) {
                     CORE_LOCK(self);
                     if (--root->tokens == 0) {  /* `view` was released meanwhile */
@@ -2752,26 +2799,35 @@ PoolCore_hand_out(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     pool_class *pc = &self->classes[cls];
+    PoolLease *root = new_lease(self, NULL, args[1], cls, (char *)addr, 0, 0);
+    if (root == NULL) {
+        return NULL;
+    }
     CORE_LOCK(self);
     int closed = self->closed;
     int ok = !closed && reserve_one_locked(pc) == 0;
     if (ok) {
         pc->owned++;  /* B1: out; queued at its last release */
+        root->len = n;
+        root->tokens = 1;
     }
     CORE_UNLOCK(self);
+    PyObject *view = NULL;
     if (!ok) {
         if (closed) {
             PyErr_SetString(PyExc_ValueError, "this BufferPool is closed");
-            return NULL;
         }
-        return PyErr_NoMemory();
+        else {
+            PyErr_NoMemory();
+        }
     }
-    PyObject *view = new_view(self, NULL, args[1], cls, (char *)addr, n, 0);
-    if (view == NULL) {
+    else if ((view = root_view(self, root)) == NULL) {
         CORE_LOCK(self);
         pc->owned--;
+        root->tokens = 0;
         CORE_UNLOCK(self);
     }
+    Py_DECREF(root);  /* the view's buffer holds it */
     return view;
 }
 
@@ -2793,7 +2849,11 @@ PoolCore_stock(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     pool_class *pc = &self->classes[cls];
-    pool_slot slot = {Py_NewRef(args[1]), (char *)addr, 0};
+    PoolLease *root = new_lease(self, NULL, args[1], cls, (char *)addr, 0, 0);
+    if (root == NULL) {
+        return NULL;
+    }
+    pool_slot slot = {root, 0};
     CORE_LOCK(self);
     int closed = self->closed;
     int ok = !closed && reserve_one_locked(pc) == 0;
@@ -2803,7 +2863,7 @@ PoolCore_stock(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
     }
     CORE_UNLOCK(self);
     if (!ok) {
-        Py_DECREF(slot.block);
+        Py_DECREF(slot.lease);
         if (closed) {
             PyErr_SetString(PyExc_ValueError, "this BufferPool is closed");
             return NULL;
@@ -2857,14 +2917,14 @@ PoolCore_spill(PoolCore *self, PyObject *arg)
         }
         int failed = 0;
         for (Py_ssize_t j = 0; j < nf; j++) {
-            failed = failed || PyList_Append(freed, f[j].block) < 0;
-            Py_DECREF(f[j].block);
+            failed = failed || PyList_Append(freed, f[j].lease->block) < 0;
+            Py_DECREF(f[j].lease);
         }
         for (Py_ssize_t j = 0; j < nw; j++) {
-            PyObject *t = failed ? NULL : Py_BuildValue("(OL)", w[j].block, (long long)w[j].goal);
+            PyObject *t = failed ? NULL : Py_BuildValue("(OL)", w[j].lease->block, (long long)w[j].goal);
             failed = failed || t == NULL || PyList_Append(waiting, t) < 0;
             Py_XDECREF(t);
-            Py_DECREF(w[j].block);
+            Py_DECREF(w[j].lease);
         }
         PyMem_RawFree(f);
         if (failed) {
@@ -2980,7 +3040,7 @@ static PyMethodDef PoolCore_methods[] = {
      "try_acquire($self, nbytes, /)\n--\n\n"
      "A view of a block the core has ready (rd_seq as now published), or None."},
     {"waiting", (PyCFunction)PoolCore_waiting, METH_O,
-     "waiting($self, cls, /)\n--\n\nHow many blocks of class cls wait in the core."},
+     "waiting($self, cls, /)\n--\n\n(count, oldest goal, newest goal) of the blocks of class cls waiting in the core."},
     {"goals", (PyCFunction)PoolCore_goals, METH_NOARGS,
      "goals($self, /)\n--\n\n(class index, oldest goal, newest goal) of every waiting FIFO that is not empty."},
     {"release", (PyCFunction)PoolCore_release, METH_O,

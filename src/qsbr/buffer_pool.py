@@ -300,6 +300,12 @@ class BufferPool(Backpressure, DebugPool):
         if nbytes.__class__ is not int or not 0 < nbytes <= self._largest:
             return self._acquire_other(nbytes, timeout)
         size = self._class_of[nbytes] if nbytes < len(self._class_of) else self._size_class(nbytes)
+        pages = self._p
+        if self._core is not None and not pages.waiting.get(size) and not pages.free.get(size):
+            # (.get: a pool closed meanwhile has no classes; the path below says it is closed)
+            view = self._core_missed(nbytes, size)
+            if view is not None:
+                return view
         with self._lock:
             # The common case, in one lock section: a free block, or a fresh
             # one carved while few blocks wait for their grace period (fewer
@@ -308,7 +314,6 @@ class BufferPool(Backpressure, DebugPool):
             block = self._p.take(size, carve=self._waiting(size) < self._poll_at[size])
             if block is not None:
                 return self._hand_out(block, nbytes)
-        pages = self._p
         return self._acquire_slow(
             nbytes, lambda: pages.take(size, carve=True) or self._grow(size), timeout, size
         )
@@ -329,7 +334,26 @@ class BufferPool(Backpressure, DebugPool):
     def _waiting(self, size: int) -> int:
         """(Under the lock.) Blocks of class ``size`` waiting for their grace period."""
         n = len(self._p.waiting[size])
-        return n if self._core is None else n + self._core.waiting(self._class_index[size])
+        return n if self._core is None else n + self._core.waiting(self._class_index[size])[0]
+
+    def _core_missed(self, nbytes: int, size: int) -> memoryview | None:
+        """The C fast path found no block of the class ready, and the
+        PageSet holds none of the class's (the common case: the core has
+        them all). Once POLL_AFTER of them wait, one poll to the class's
+        newest goal, then the core again: a miss costs one poll, not the
+        whole slow path. None: the caller's path decides (carve, grow, wait),
+        and, if this poll failed, polls only once POLL_AFTER more wait."""
+        core, index = self._core, self._class_index[size]
+        waiting, head, tail = core.waiting(index)
+        if waiting < self._poll_at[size]:
+            return None
+        domain = self._domain
+        if not domain.goal_reached(head):
+            domain.poll(tail)
+        view: memoryview | None = core.try_acquire(nbytes)
+        # (a plain store: a racing acquire of the class may set it too)
+        self._poll_at[size] = POLL_AFTER + (0 if view is not None else core.waiting(index)[0])
+        return view
 
     def _try_core(self, nbytes: int, size: int) -> memoryview | None:
         """After a poll: a block may be safe now, in the core's FIFO (B5) or
@@ -337,10 +361,12 @@ class BufferPool(Backpressure, DebugPool):
         the core never looks there)."""
         if self._core is None:
             return None
-        with self._lock:
-            self._check_open()
-            self._p.collect(size)
-            self._stock(size)
+        pages = self._p
+        if pages.waiting.get(size) or pages.free.get(size):  # (a hint: read again under the lock)
+            with self._lock:
+                self._check_open()
+                pages.collect(size)
+                self._stock(size)
         view: memoryview | None = self._core.try_acquire(nbytes)
         return view
 
