@@ -10,6 +10,9 @@ package: _common.kernels()), interleaved with the baselines.
    appending to a list and calling the release directly (P3: <= 5x).
 4. What a server pays per request, `with domain.attached(): pass`, against
    `with lock: pass` on an uncontended threading.Lock (P8: <= 1.0x).
+5. BufferPool acquire + a one-byte write + release, quiescent every 64th,
+   against bytearray(n) + the same write, 64 B / 4 KiB / 64 KiB (P7: <= 2x,
+   <= 1x, <= 0.5x); on the pure kernel the pool runs without its C fast path.
 3. The pure-Python floor of both: FloorDomain below does the least that any
    pure-Python domain must do for these two operations, and less than a
    correct one does. Where the floor is over a target, no pure-Python
@@ -261,8 +264,26 @@ def kernel_cases(q: Any, tag: str) -> tuple[dict[str, Callable[[int], float]], .
     bg = q.Domain(background=True)
     bg.register()
 
+    pool_domain = q.Domain(stall_timeout=None)
+    pool_domain.register()
+    pool = q.BufferPool(domain=pool_domain)
+
+    def pool_case(size: int) -> Callable[[int], float]:
+        def case(n: int) -> float:
+            acquire, release, quiescent = pool.acquire, pool.release, pool_domain.quiescent
+            t = time.perf_counter()
+            for i in range(n):
+                v = acquire(size)
+                v[0] = 1
+                release(v)
+                if i & 63 == 63:
+                    quiescent()
+            return time.perf_counter() - t
+
+        return case
+
     def cleanup() -> None:
-        for dom in (d, rs, debug_domain, bg):
+        for dom in (d, rs, debug_domain, bg, pool_domain):
             dom.unregister()
             dom.close()
 
@@ -283,11 +304,18 @@ def kernel_cases(q: Any, tag: str) -> tuple[dict[str, Callable[[int], float]], .
             "cell_value_debug": cell_read(debug_cell),
         }
     )
-    writer = tagged({"retire_and_release": retire_case(d), "retire_background_reclaimer": retire_case(bg)})
+    writer = tagged(
+        {
+            "retire_and_release": retire_case(d),
+            "retire_background_reclaimer": retire_case(bg),
+            **{f"pool_{size}": pool_case(size) for size in POOL_SIZES},
+        }
+    )
     return reader, request, writer, {"cleanup": lambda n: (cleanup(), 0.0)[1]}
 
 
 OBJS = [object() for _ in range(100_000)]
+POOL_SIZES = (64, 4096, 65536)
 
 
 def per_thread_handle_quiescent(q: Any, threads: int, n: int) -> float:
@@ -330,6 +358,9 @@ TARGETS = {
     "P1h handle.quiescent / empty method call": ("handle_quiescent", "empty_call", 0.8),
     "P3 retire+release / append+call": ("retire_and_release", "append_and_release", 5.0),
     "P8 with domain.attached() / with lock": ("read_section", "lock_acquire_release", 1.0),
+    "P7 BufferPool 64 B / bytearray": ("pool_64", "bytearray_64", 2.0),
+    "P7 BufferPool 4 KiB / bytearray": ("pool_4096", "bytearray_4096", 1.0),
+    "P7 BufferPool 64 KiB / bytearray": ("pool_65536", "bytearray_65536", 0.5),
 }
 
 
@@ -406,7 +437,19 @@ def main() -> None:
         "list_under_lock_read": list_under_lock_read,
         "lock_acquire_release": lock_section,
     }
+
+    def fresh_bytearray(size: int) -> Callable[[int], float]:
+        def case(n: int) -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                b = bytearray(size)
+                b[0] = 1
+            return time.perf_counter() - t
+
+        return case
+
     writer_cases: dict[str, Callable[[int], float]] = {
+        **{f"bytearray_{size}": fresh_bytearray(size) for size in POOL_SIZES},
         "append_and_release": append_and_release,
         "floor_retire": floor_case(floor.retire),
         "floor_retire_checked": floor_case(floor.retire_checked),

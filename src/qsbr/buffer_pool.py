@@ -339,17 +339,20 @@ class BufferPool(Backpressure, DebugPool):
     def _core_missed(self, nbytes: int, size: int) -> memoryview | None:
         """The C fast path found no block of the class ready, and the
         PageSet holds none of the class's (the common case: the core has
-        them all). Once POLL_AFTER of them wait, one poll to the class's
-        newest goal, then the core again: a miss costs one poll, not the
-        whole slow path. None: the caller's path decides (carve, grow, wait),
-        and, if this poll failed, polls only once POLL_AFTER more wait."""
+        them all). Once POLL_AFTER of them wait, one poll to the oldest one's
+        goal, then the core again: a miss costs one poll, not the whole slow
+        path. (To the oldest: B6 advanced for it already, so the poll only
+        scans; an advance would double its cost, and the newer blocks get
+        theirs from B6 too.) None: the caller's path decides (carve, grow,
+        wait), and, if this poll failed, polls only once POLL_AFTER more
+        wait."""
         core, index = self._core, self._class_index[size]
-        waiting, head, tail = core.waiting(index)
+        waiting, head, _ = core.waiting(index)
         if waiting < self._poll_at[size]:
             return None
         domain = self._domain
         if not domain.goal_reached(head):
-            domain.poll(tail)
+            domain.poll(head)
         view: memoryview | None = core.try_acquire(nbytes)
         # (a plain store: a racing acquire of the class may set it too)
         self._poll_at[size] = POLL_AFTER + (0 if view is not None else core.waiting(index)[0])
