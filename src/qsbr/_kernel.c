@@ -2149,7 +2149,11 @@ typedef struct PoolLease {
     char *buf;
     Py_ssize_t len;          /* a root's: set under the core's lock while not out */
     Py_ssize_t start;        /* where the view starts in its block */
-    PyObject *view;          /* strong, while the view is out (B3) */
+    /* Strong, while the view is out (B3). Atomic: acquire() stores a root's
+     * new view without the core's lock (release() of one of its earlier
+     * views may be testing it then, under the lock, and can only find it
+     * different); every other write is under the lock. */
+    _Atomic(PyObject *) view;
     Py_ssize_t tokens;       /* a root's (B3) */
     Py_ssize_t cls;          /* a root's class index */
 } PoolLease;
@@ -2179,7 +2183,8 @@ PoolLease_traverse(PoolLease *self, visitproc visit, void *arg)
     Py_VISIT(self->core);
     Py_VISIT(self->root);
     Py_VISIT(self->block);
-    Py_VISIT(self->view);
+    PyObject *view = atomic_load_explicit(&self->view, memory_order_relaxed);
+    Py_VISIT(view);
     return 0;
 }
 
@@ -2189,7 +2194,7 @@ PoolLease_clear(PoolLease *self)
     /* A view dropped while out (never released) makes a cycle view ->
      * lease -> view that only the collector frees: its block stays out, as
      * on the Python path (debug mode reports it). */
-    Py_CLEAR(self->view);
+    Py_XDECREF(atomic_exchange_explicit(&self->view, NULL, memory_order_relaxed));
     Py_CLEAR(self->root);
     Py_CLEAR(self->block);
     Py_CLEAR(self->core);
@@ -2353,7 +2358,7 @@ new_lease(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char
     lease->buf = buf;
     lease->len = len;
     lease->start = start;
-    lease->view = NULL;
+    atomic_init(&lease->view, NULL);
     lease->tokens = 0;
     lease->cls = cls;
     PyObject_GC_Track(lease);
@@ -2371,7 +2376,7 @@ slice_view(PoolCore *self, PoolLease *root, char *buf, Py_ssize_t len, Py_ssize_
     PyObject *view = PyMemoryView_FromObject((PyObject *)lease);
     if (view != NULL) {
         /* Out from here (B3). Nobody else has the new lease yet: no lock. */
-        lease->view = Py_NewRef(view);
+        atomic_store_explicit(&lease->view, Py_NewRef(view), memory_order_relaxed);
     }
     Py_DECREF(lease);  /* the view's buffer holds it */
     return view;
@@ -2387,12 +2392,11 @@ root_view(PoolCore *self, PoolLease *root)
     if (view == NULL) {
         return NULL;
     }
-    /* Out from here (B3): under the lock, as a release of one of the
-     * lease's earlier views may be testing `view` now. */
-    Py_INCREF(view);
-    CORE_LOCK(self);
-    root->view = view;
-    CORE_UNLOCK(self);
+    /* Out from here (B3). No lock: a release of one of the lease's earlier
+     * views may be testing `view` now, and finds NULL or this view, never
+     * its own; nothing else can reach this view yet. */
+    (void)self;
+    atomic_store_explicit(&root->view, Py_NewRef(view), memory_order_release);
     return view;
 }
 
@@ -2707,9 +2711,9 @@ PoolCore_release(PoolCore *self, PyObject *view)
         PyObject *was = NULL;
         int trim = 0, advance = 0;
         CORE_LOCK(self);
-        if (!self->closed && lease->view == view) {
-            was = lease->view;  /* B3: of two racing releases, one finds it */
-            lease->view = NULL;
+        if (!self->closed && atomic_load_explicit(&lease->view, memory_order_acquire) == view) {
+            was = view;  /* B3: of two racing releases, one finds it */
+            atomic_store_explicit(&lease->view, NULL, memory_order_relaxed);
             PoolLease *root = lease->root ? lease->root : lease;
             if (--root->tokens == 0) {
                 advance = queue_block_locked(self, root);
@@ -2746,7 +2750,7 @@ PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
             int out_of_range = 0;
             Py_ssize_t len = 0;
             CORE_LOCK(self);
-            if (!self->closed && lease->view == args[0]) {
+            if (!self->closed && atomic_load_explicit(&lease->view, memory_order_acquire) == args[0]) {
                 len = lease->len;
                 if (o1 || o2 || start < 0 || start > stop || stop > len) {
                     out_of_range = 1;
@@ -2953,7 +2957,7 @@ PoolCore_location(PoolCore *self, PyObject *view)
     Py_ssize_t start = 0;
     if (lease != NULL) {
         CORE_LOCK(self);
-        if (lease->view == view) {
+        if (atomic_load_explicit(&lease->view, memory_order_acquire) == view) {
             PoolLease *root = lease->root ? lease->root : lease;
             block = Py_NewRef(root->block);  /* an incref only: no Python code runs */
             start = lease->start;
