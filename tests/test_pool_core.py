@@ -1,5 +1,5 @@
 """BufferPool's C fast path (buffer_pool.py, "The C fast path"; _kernel.c,
-B1-B6): it serves what it can and passes everything else to the Python path,
+B1-B7): it serves what it can and passes everything else to the Python path,
 so a pool behaves the same on both; these tests check that it is used, that
 it agrees with the Python path step by step, and its own invariants."""
 
@@ -269,6 +269,27 @@ def test_many_threads_on_one_pool_never_share_a_block(domain: qsbr.Domain) -> No
     assert not errors
     st = pool.stats()
     assert st.bytes_out == 0
+
+
+@needs_native
+def test_a_thread_reuses_the_blocks_another_thread_gave_back(domain: qsbr.Domain, worker: Worker) -> None:
+    """B7: blocks that came back in one thread's shard serve another
+    thread's acquires once safe (it takes them from that shard), rather
+    than the pool growing a page for it."""
+    pool = qsbr.BufferPool((4096,), page_size=1 << 16, domain=domain)  # 16 blocks a page
+    views = [pool.acquire(4096) for _ in range(16)]
+    leases = {id(v.obj): v.obj for v in views}  # each block's root lease, reused by its next acquire
+    for v in views:
+        pool.release(v)
+    del views
+    assert domain.synchronize(timeout=STEP_TIMEOUT)
+    taken = worker.call(lambda: [pool.acquire(4096) for _ in range(16)])
+    # Served from the first thread's shard by C: the same leases, no Python
+    # path (which would have spilled the blocks and made new leases).
+    assert all(leases.get(id(v.obj)) is v.obj for v in taken)
+    assert pool.stats().pages == 1
+    for v in taken:
+        pool.release(v)
 
 
 @needs_native

@@ -22,7 +22,7 @@
  *   GraceTiming      the times of the advances rd_seq has not reached (I8),
  *                    and the last rd_seq published (B5)
  *   PoolCore         one BufferPool's hot path: free stacks and goal FIFOs
- *                    per size class (B1-B6, below with the type)
+ *                    per size class, in shards (B1-B7, below with the type)
  *   PoolLease        what exports each view a PoolCore hands out
  * and scan_slots(), the loads of one step of the rd_seq scan, and
  * run_entries(), the loop that runs a batch's releases (deferred.py).
@@ -2077,8 +2077,9 @@ run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       and slice test `view is lease->view` under the lock, so a copy
  *       (memoryview(view), view[a:b]) or a view released already is refused
  *       (the Python path then raises its error).
- *   B4. Nothing under the lock calls into Python, allocates a Python object
- *       or frees one: a PyMutex on free-threaded builds, the GIL otherwise.
+ *   B4. Nothing under a shard's lock calls into Python, allocates a Python
+ *       object or frees one: a PyMutex on free-threaded builds, the GIL
+ *       otherwise.
  *       The free stack and the FIFO of a class each have room for every
  *       block the class owns (reserved when a block joins the core), so no
  *       push under the lock can fail and nothing is lost.
@@ -2095,6 +2096,15 @@ run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       Left to the poll at that moment (the design's deferred advance),
  *       the first poll of every refill failed and the pool carved fresh
  *       blocks, and a plain acquire/release loop grew the pool for good.
+ *   B7. The core's tables are in shards (4 on free-threaded builds, 1 with
+ *       the GIL), each with its own lock: a thread acquires from its own
+ *       shard first (threads are dealt shards in turn), then from the
+ *       others, so threads that each use their own buffers do not share a
+ *       lock, and no block waits in one shard while another thread misses.
+ *       A block belongs to one shard from the stock() or hand_out() that
+ *       brought it in until a spill: its leases' tokens and views are
+ *       guarded by that shard's lock, and its releases queue it there.
+ *       No code path holds two shard locks at once.
  */
 
 struct PoolLease;
@@ -2114,12 +2124,26 @@ typedef struct {
     Py_ssize_t cap;    /* of `free` and of `wait`: >= owned (B4) */
 } pool_class;
 
+/* B7's shards. With the GIL one thread runs at a time: one shard. */
+#ifdef Py_GIL_DISABLED
+#define POOL_SHARDS 4
+#else
+#define POOL_SHARDS 1
+#endif
+
+typedef union {
+    struct {
+#ifdef Py_GIL_DISABLED
+        PyMutex mutex;
+#endif
+        pool_class *classes;  /* nclasses of them */
+    } s;
+    char line[64];  /* one cache line each: shards used by different threads do not share one */
+} pool_shard;
+
 typedef struct {
     PyObject_HEAD
-#ifdef Py_GIL_DISABLED
-    PyMutex mutex;
-#endif
-    int closed;
+    _Atomic int closed;      /* set once, by close(), before the shards are emptied */
     DomainCore *domain;
     GraceTiming *timing;     /* the domain's: its rd_seq (B5); NULL: none */
     PyTypeObject *lease_type;
@@ -2131,8 +2155,9 @@ typedef struct {
     PyObject *advance;       /* the domain's advance() */
     int advance_in_c;        /* it is DomainCore.advance: call advance_and_record() */
     Py_ssize_t nclasses;
-    pool_class *classes;
-    int64_t given_back;  /* blocks queued in a FIFO by a release */
+    Py_ssize_t *sizes;       /* the classes' block sizes, ascending */
+    pool_shard *shards;      /* POOL_SHARDS of them */
+    _Atomic int64_t given_back;  /* blocks queued in a FIFO by a release (a statistic: relaxed) */
 } PoolCore;
 
 /* A block has one root lease while the core holds it: it exports the view
@@ -2156,15 +2181,41 @@ typedef struct PoolLease {
     _Atomic(PyObject *) view;
     Py_ssize_t tokens;       /* a root's (B3) */
     Py_ssize_t cls;          /* a root's class index */
+    int shard;               /* a root's: the shard its block belongs to (B7); never changes */
 } PoolLease;
 
 #ifdef Py_GIL_DISABLED
-#define CORE_LOCK(c) PyMutex_Lock(&(c)->mutex)
-#define CORE_UNLOCK(c) PyMutex_Unlock(&(c)->mutex)
+#define SHARD_LOCK(sh) PyMutex_Lock(&(sh)->s.mutex)
+#define SHARD_UNLOCK(sh) PyMutex_Unlock(&(sh)->s.mutex)
 #else
-#define CORE_LOCK(c) ((void)(c))
-#define CORE_UNLOCK(c) ((void)(c))
+#define SHARD_LOCK(sh) ((void)(sh))
+#define SHARD_UNLOCK(sh) ((void)(sh))
 #endif
+
+#if POOL_SHARDS > 1
+static _Atomic unsigned int next_pool_shard;
+static _Thread_local int tl_pool_shard = -1;
+#endif
+
+/* The calling thread's shard (B7). */
+static inline int
+thread_shard(void)
+{
+#if POOL_SHARDS > 1
+    if (tl_pool_shard < 0) {
+        tl_pool_shard = (int)(atomic_fetch_add_explicit(&next_pool_shard, 1, memory_order_relaxed) % POOL_SHARDS);
+    }
+    return tl_pool_shard;
+#else
+    return 0;
+#endif
+}
+
+static inline int
+is_closed(PoolCore *self)
+{
+    return atomic_load_explicit(&self->closed, memory_order_relaxed);
+}
 
 /* -- PoolLease: the exporter of one view -- */
 
@@ -2256,13 +2307,13 @@ lease_of(PoolCore *self, PyObject *view)
 static Py_ssize_t
 class_of(PoolCore *self, Py_ssize_t n)
 {
-    if (n < 1 || n > self->classes[self->nclasses - 1].size) {
+    if (n < 1 || n > self->sizes[self->nclasses - 1]) {
         return -1;
     }
     Py_ssize_t lo = 0, hi = self->nclasses - 1;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) / 2;
-        if (self->classes[mid].size < n) {
+        if (self->sizes[mid] < n) {
             lo = mid + 1;
         }
         else {
@@ -2304,16 +2355,19 @@ reserve_one_locked(pool_class *pc)
     return 0;
 }
 
-/* Queue a root lease's block (its last view is back: tokens == 0).
- * Returns whether the caller must advance wr_seq after the lock (B6). */
+/* Queue a root lease's block (its last view is back: tokens == 0), in its
+ * shard `sh` (locked). Returns QUEUED_ADVANCE when the caller must advance
+ * wr_seq after the lock (B6), and QUEUED_TRIM every 256th block. */
 #define ADVANCE_AFTER 32  /* buffer_pool.py's POLL_AFTER */
+#define QUEUED_ADVANCE 1
+#define QUEUED_TRIM 2
 static int
-queue_block_locked(PoolCore *self, PoolLease *root)
+queue_block_locked(PoolCore *self, pool_shard *sh, PoolLease *root)
 {
-    if (self->closed) {
+    if (is_closed(self)) {
         return 0;  /* the pool dropped its pages: the lease keeps the block until it goes */
     }
-    pool_class *pc = &self->classes[root->cls];
+    pool_class *pc = &sh->s.classes[root->cls];
     if (pc->wait_end == pc->cap) {  /* compact: the FIFO holds < cap (B4) */
         Py_ssize_t n = pc->wait_end - pc->wait_head;
         memmove(pc->wait, pc->wait + pc->wait_head, (size_t)n * sizeof(pool_slot));
@@ -2325,8 +2379,9 @@ queue_block_locked(PoolCore *self, PoolLease *root)
     int64_t wr = load_wr_seq(self->domain);
     pool_slot slot = {(PoolLease *)Py_NewRef(root), wr + 2};
     pc->wait[pc->wait_end++] = slot;
-    self->given_back++;
-    return pc->wait_end - pc->wait_head >= ADVANCE_AFTER && pc->wait[pc->wait_head].goal > wr;
+    int64_t given = atomic_fetch_add_explicit(&self->given_back, 1, memory_order_relaxed) + 1;
+    int advance = pc->wait_end - pc->wait_head >= ADVANCE_AFTER && pc->wait[pc->wait_head].goal > wr;
+    return (advance ? QUEUED_ADVANCE : 0) | ((given & 255) == 0 ? QUEUED_TRIM : 0);
 }
 
 /* The advance queue_block_locked() asked for (outside the core's lock). */
@@ -2346,7 +2401,7 @@ start_grace_period(PoolCore *self)
  * or a slice's (of `len` bytes at `buf`). */
 static PoolLease *
 new_lease(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char *buf, Py_ssize_t len,
-          Py_ssize_t start)
+          Py_ssize_t start, int shard)
 {
     PoolLease *lease = PyObject_GC_New(PoolLease, self->lease_type);
     if (lease == NULL) {
@@ -2361,6 +2416,7 @@ new_lease(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char
     atomic_init(&lease->view, NULL);
     lease->tokens = 0;
     lease->cls = cls;
+    lease->shard = shard;
     PyObject_GC_Track(lease);
     return lease;
 }
@@ -2369,7 +2425,7 @@ new_lease(PoolCore *self, PoolLease *root, PyObject *block, Py_ssize_t cls, char
 static PyObject *
 slice_view(PoolCore *self, PoolLease *root, char *buf, Py_ssize_t len, Py_ssize_t start)
 {
-    PoolLease *lease = new_lease(self, root, NULL, root->cls, buf, len, start);
+    PoolLease *lease = new_lease(self, root, NULL, root->cls, buf, len, start, root->shard);
     if (lease == NULL) {
         return NULL;
     }
@@ -2424,28 +2480,41 @@ PoolCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "PoolCore needs at least one size class");
         return NULL;
     }
-    pool_class *classes = PyMem_RawCalloc((size_t)n, sizeof(pool_class));
-    if (classes == NULL) {
+    Py_ssize_t *size_of = PyMem_RawCalloc((size_t)n, sizeof(Py_ssize_t));
+    pool_shard *shards = PyMem_RawCalloc(POOL_SHARDS, sizeof(pool_shard));
+    pool_class *classes = PyMem_RawCalloc((size_t)n * POOL_SHARDS, sizeof(pool_class));
+    if (size_of == NULL || shards == NULL || classes == NULL) {
+        PyMem_RawFree(size_of);
+        PyMem_RawFree(shards);
+        PyMem_RawFree(classes);
         return PyErr_NoMemory();
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t size = PyLong_AsSsize_t(PyTuple_GET_ITEM(sizes, i));
         if (size == -1 && PyErr_Occurred()) {
-            PyMem_RawFree(classes);
-            return NULL;
+            break;
         }
-        if (size < 1 || (i && size <= classes[i - 1].size)) {
-            PyMem_RawFree(classes);
+        if (size < 1 || (i && size <= size_of[i - 1])) {
             PyErr_SetString(PyExc_ValueError, "PoolCore: sizes must be ascending and >= 1");
-            return NULL;
+            break;
         }
-        classes[i].size = size;
+        size_of[i] = size;
+        for (int k = 0; k < POOL_SHARDS; k++) {
+            classes[k * n + i].size = size;
+        }
     }
-    PoolCore *self = (PoolCore *)type->tp_alloc(type, 0);
+    PoolCore *self = PyErr_Occurred() ? NULL : (PoolCore *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        PyMem_RawFree(size_of);
+        PyMem_RawFree(shards);
         PyMem_RawFree(classes);
         return NULL;
     }
+    for (int k = 0; k < POOL_SHARDS; k++) {
+        shards[k].s.classes = classes + k * n;  /* one allocation: freed through shard 0 */
+    }
+    atomic_init(&self->closed, 0);
+    atomic_init(&self->given_back, 0);
     self->domain = (DomainCore *)Py_NewRef(domain);
     self->timing = (GraceTiming *)Py_XNewRef(self->domain->timing);
     self->lease_type = (PyTypeObject *)Py_NewRef(ks->PoolLease_type);
@@ -2456,7 +2525,8 @@ PoolCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->advance = Py_NewRef(advance);
     self->advance_in_c = advance_in_c && self->timing != NULL;
     self->nclasses = n;
-    self->classes = classes;
+    self->sizes = size_of;
+    self->shards = shards;
     return (PyObject *)self;
 }
 
@@ -2472,41 +2542,39 @@ PoolCore_traverse(PoolCore *self, visitproc visit, void *arg)
     Py_VISIT(self->slow_slice);
     Py_VISIT(self->every_256th_give_back);
     Py_VISIT(self->advance);
-    for (Py_ssize_t i = 0; self->classes && i < self->nclasses; i++) {
-        pool_class *pc = &self->classes[i];
-        for (Py_ssize_t j = 0; j < pc->nfree; j++) {
-            Py_VISIT(pc->free[j].lease);
-        }
-        for (Py_ssize_t j = pc->wait_head; j < pc->wait_end; j++) {
-            Py_VISIT(pc->wait[j].lease);
+    for (int k = 0; self->shards && k < POOL_SHARDS; k++) {
+        for (Py_ssize_t i = 0; i < self->nclasses; i++) {
+            pool_class *pc = &self->shards[k].s.classes[i];
+            for (Py_ssize_t j = 0; j < pc->nfree; j++) {
+                Py_VISIT(pc->free[j].lease);
+            }
+            for (Py_ssize_t j = pc->wait_head; j < pc->wait_end; j++) {
+                Py_VISIT(pc->wait[j].lease);
+            }
         }
     }
     return 0;
 }
 
-/* Drop every free and waiting block (close(), or clearing). */
 static void
-drop_blocks(PoolCore *self)
+drop_shard(PoolCore *self, pool_shard *sh)
 {
-    pool_class *classes = NULL;
-    Py_ssize_t n = 0;
-    CORE_LOCK(self);
-    /* Move the tables out under the lock; decref after it (B4). */
-    if (self->classes != NULL) {
-        n = self->nclasses;
-        classes = PyMem_RawMalloc((size_t)n * sizeof(pool_class));
-        if (classes != NULL) {
-            memcpy(classes, self->classes, (size_t)n * sizeof(pool_class));
-            for (Py_ssize_t i = 0; i < n; i++) {
-                pool_class *pc = &self->classes[i];
-                pc->owned -= pc->nfree + (pc->wait_end - pc->wait_head);
-                pc->free = pc->wait = NULL;
-                pc->nfree = pc->wait_head = pc->wait_end = pc->cap = 0;
-            }
-        }
+    Py_ssize_t n = self->nclasses;
+    pool_class *classes = PyMem_RawMalloc((size_t)n * sizeof(pool_class));
+    if (classes == NULL) {
+        return;  /* out of memory: the blocks stay (the core's dealloc tries again) */
     }
-    CORE_UNLOCK(self);
-    for (Py_ssize_t i = 0; classes && i < n; i++) {
+    SHARD_LOCK(sh);
+    /* Move the tables out under the lock; decref after it (B4). */
+    memcpy(classes, sh->s.classes, (size_t)n * sizeof(pool_class));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        pool_class *pc = &sh->s.classes[i];
+        pc->owned -= pc->nfree + (pc->wait_end - pc->wait_head);
+        pc->free = pc->wait = NULL;
+        pc->nfree = pc->wait_head = pc->wait_end = pc->cap = 0;
+    }
+    SHARD_UNLOCK(sh);
+    for (Py_ssize_t i = 0; i < n; i++) {
         pool_class *pc = &classes[i];
         for (Py_ssize_t j = 0; j < pc->nfree; j++) {
             Py_DECREF(pc->free[j].lease);
@@ -2518,6 +2586,15 @@ drop_blocks(PoolCore *self)
         PyMem_RawFree(pc->wait);
     }
     PyMem_RawFree(classes);
+}
+
+/* Drop every free and waiting block of every shard (close(), or clearing). */
+static void
+drop_blocks(PoolCore *self)
+{
+    for (int k = 0; self->shards && k < POOL_SHARDS; k++) {
+        drop_shard(self, &self->shards[k]);
+    }
 }
 
 static int
@@ -2541,8 +2618,13 @@ PoolCore_dealloc(PoolCore *self)
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     (void)PoolCore_clear(self);
-    PyMem_RawFree(self->classes);
-    self->classes = NULL;
+    if (self->shards != NULL) {
+        PyMem_RawFree(self->shards[0].s.classes);
+    }
+    PyMem_RawFree(self->shards);
+    PyMem_RawFree(self->sizes);
+    self->shards = NULL;
+    self->sizes = NULL;
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -2554,7 +2636,7 @@ PoolCore_dealloc(PoolCore *self)
 static int
 take_locked(PoolCore *self, pool_class *pc, pool_slot *out)
 {
-    if (self->closed) {
+    if (is_closed(self)) {
         return 0;
     }
     if (pc->nfree == 0 && pc->wait_head < pc->wait_end && self->timing != NULL) {
@@ -2584,26 +2666,33 @@ fast_acquire(PoolCore *self, PyObject *nbytes, int *missed)
         long long n = PyLong_AsLongLongAndOverflow(nbytes, &overflow);
         Py_ssize_t cls = overflow || n > PY_SSIZE_T_MAX ? -1 : class_of(self, (Py_ssize_t)n);
         if (cls >= 0) {
-            pool_class *pc = &self->classes[cls];
+            /* Its own shard first, then the others (B7). */
+            int own = thread_shard(), got = 0;
+            pool_shard *sh = NULL;
+            pool_class *pc = NULL;
             pool_slot slot = {NULL, 0};
-            CORE_LOCK(self);
-            int got = take_locked(self, pc, &slot);
-            if (got) {
-                slot.lease->len = (Py_ssize_t)n;
-                slot.lease->tokens = 1;
+            for (int k = 0; k < POOL_SHARDS && !got; k++) {
+                sh = &self->shards[(own + k) % POOL_SHARDS];
+                pc = &sh->s.classes[cls];
+                SHARD_LOCK(sh);
+                got = take_locked(self, pc, &slot);
+                if (got) {
+                    slot.lease->len = (Py_ssize_t)n;
+                    slot.lease->tokens = 1;
+                }
+                SHARD_UNLOCK(sh);
             }
-            CORE_UNLOCK(self);
             if (got) {
                 *missed = 0;
                 PyObject *view = root_view(self, slot.lease);
                 if (view == NULL) {
-                    CORE_LOCK(self);
+                    SHARD_LOCK(sh);
                     slot.lease->tokens = 0;
-                    int back = !self->closed;
+                    int back = !is_closed(self);
                     if (back) {
                         pc->free[pc->nfree++] = slot;  /* never out (room: B4) */
                     }
-                    CORE_UNLOCK(self);
+                    SHARD_UNLOCK(sh);
                     if (!back) {
                         Py_DECREF(slot.lease);
                     }
@@ -2643,7 +2732,7 @@ PoolCore_try_acquire(PoolCore *self, PyObject *nbytes)
     return view;
 }
 
-/* waiting(cls): (how many blocks of class cls wait in the FIFO, the oldest
+/* waiting(cls): (how many blocks of class cls wait in the FIFOs, the oldest
  * one's goal, the newest one's goal); the goals are 0 when none waits. */
 static PyObject *
 PoolCore_waiting(PoolCore *self, PyObject *arg)
@@ -2656,20 +2745,26 @@ PoolCore_waiting(PoolCore *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "waiting(): no such class");
         return NULL;
     }
-    pool_class *pc = &self->classes[cls];
     int64_t head = 0, tail = 0;
-    CORE_LOCK(self);
-    Py_ssize_t n = pc->wait_end - pc->wait_head;
-    if (n) {
-        head = pc->wait[pc->wait_head].goal;
-        tail = pc->wait[pc->wait_end - 1].goal;
+    Py_ssize_t total = 0;
+    for (int k = 0; k < POOL_SHARDS; k++) {
+        pool_shard *sh = &self->shards[k];
+        pool_class *pc = &sh->s.classes[cls];
+        SHARD_LOCK(sh);
+        Py_ssize_t n = pc->wait_end - pc->wait_head;
+        if (n) {
+            int64_t h = pc->wait[pc->wait_head].goal, t = pc->wait[pc->wait_end - 1].goal;
+            head = total && head < h ? head : h;
+            tail = total && tail > t ? tail : t;
+            total += n;
+        }
+        SHARD_UNLOCK(sh);
     }
-    CORE_UNLOCK(self);
-    return Py_BuildValue("(nLL)", n, (long long)head, (long long)tail);
+    return Py_BuildValue("(nLL)", total, (long long)head, (long long)tail);
 }
 
-/* goals(): (class index, head goal, tail goal) of every non-empty FIFO: its
- * oldest and its newest block's. */
+/* goals(): (class index, oldest goal, newest goal) of every class with
+ * blocks waiting, over its FIFOs in every shard. */
 static PyObject *
 PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
 {
@@ -2678,17 +2773,29 @@ PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
     if (goals == NULL) {
         return PyErr_NoMemory();
     }
-    CORE_LOCK(self);
     for (Py_ssize_t i = 0; i < n; i++) {
-        pool_class *pc = &self->classes[i];
-        if (pc->wait_head < pc->wait_end) {
-            goals[3 * k] = i;
-            goals[3 * k + 1] = pc->wait[pc->wait_head].goal;
-            goals[3 * k + 2] = pc->wait[pc->wait_end - 1].goal;
-            k++;
+        int found = 0;
+        for (int s = 0; s < POOL_SHARDS; s++) {
+            pool_shard *sh = &self->shards[s];
+            pool_class *pc = &sh->s.classes[i];
+            SHARD_LOCK(sh);
+            if (pc->wait_head < pc->wait_end) {
+                int64_t h = pc->wait[pc->wait_head].goal, t = pc->wait[pc->wait_end - 1].goal;
+                if (!found) {
+                    goals[3 * k] = i;
+                    goals[3 * k + 1] = h;
+                    goals[3 * k + 2] = t;
+                    found = 1;
+                }
+                else {
+                    goals[3 * k + 1] = goals[3 * k + 1] < h ? goals[3 * k + 1] : h;
+                    goals[3 * k + 2] = goals[3 * k + 2] > t ? goals[3 * k + 2] : t;
+                }
+            }
+            SHARD_UNLOCK(sh);
         }
+        k += found;
     }
-    CORE_UNLOCK(self);
     PyObject *list = PyList_New(k);
     for (Py_ssize_t i = 0; list != NULL && i < k; i++) {
         PyObject *g = Py_BuildValue("(LLL)", (long long)goals[3 * i], (long long)goals[3 * i + 1],
@@ -2709,24 +2816,25 @@ PoolCore_release(PoolCore *self, PyObject *view)
     PoolLease *lease = lease_of(self, view);
     if (lease != NULL) {
         PyObject *was = NULL;
-        int trim = 0, advance = 0;
-        CORE_LOCK(self);
-        if (!self->closed && atomic_load_explicit(&lease->view, memory_order_acquire) == view) {
+        int queued = 0;
+        /* The block's shard guards the tokens and views of all its leases. */
+        PoolLease *root = lease->root ? lease->root : lease;
+        pool_shard *sh = &self->shards[root->shard];
+        SHARD_LOCK(sh);
+        if (!is_closed(self) && atomic_load_explicit(&lease->view, memory_order_acquire) == view) {
             was = view;  /* B3: of two racing releases, one finds it */
             atomic_store_explicit(&lease->view, NULL, memory_order_relaxed);
-            PoolLease *root = lease->root ? lease->root : lease;
             if (--root->tokens == 0) {
-                advance = queue_block_locked(self, root);
-                trim = (self->given_back & 255) == 0;
+                queued = queue_block_locked(self, sh, root);
             }
         }
-        CORE_UNLOCK(self);
+        SHARD_UNLOCK(sh);
         if (was != NULL) {
             Py_DECREF(was);
-            if (advance && start_grace_period(self) < 0) {
+            if ((queued & QUEUED_ADVANCE) && start_grace_period(self) < 0) {
                 return NULL;
             }
-            if (trim && self->every_256th_give_back != Py_None) {
+            if ((queued & QUEUED_TRIM) && self->every_256th_give_back != Py_None) {
                 return PyObject_CallNoArgs(self->every_256th_give_back);
             }
             Py_RETURN_NONE;
@@ -2749,8 +2857,10 @@ PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
             PoolLease *root = NULL;
             int out_of_range = 0;
             Py_ssize_t len = 0;
-            CORE_LOCK(self);
-            if (!self->closed && atomic_load_explicit(&lease->view, memory_order_acquire) == args[0]) {
+            PoolLease *its_root = lease->root ? lease->root : lease;
+            pool_shard *sh = &self->shards[its_root->shard];
+            SHARD_LOCK(sh);
+            if (!is_closed(self) && atomic_load_explicit(&lease->view, memory_order_acquire) == args[0]) {
                 len = lease->len;
                 if (o1 || o2 || start < 0 || start > stop || stop > len) {
                     out_of_range = 1;
@@ -2760,7 +2870,7 @@ PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
                     root->tokens++;  /* first: the block cannot go back before the slice does */
                 }
             }
-            CORE_UNLOCK(self);
+            SHARD_UNLOCK(sh);
             if (out_of_range) {
                 PyErr_Format(PyExc_ValueError, "slice(): need 0 <= start <= stop <= %zd, got %S, %S", len,
                              args[1], args[2]);
@@ -2770,11 +2880,11 @@ PoolCore_slice(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
                 PyObject *view = slice_view(self, root, lease->buf + start, (Py_ssize_t)(stop - start),
                                             lease->start + (Py_ssize_t)start);
                 if (view == NULL) {
-                    CORE_LOCK(self);
+                    SHARD_LOCK(sh);
                     if (--root->tokens == 0) {  /* `view` was released meanwhile */
-                        (void)queue_block_locked(self, root);  /* (the next release advances) */
+                        (void)queue_block_locked(self, sh, root);  /* (the next release advances) */
                     }
-                    CORE_UNLOCK(self);
+                    SHARD_UNLOCK(sh);
                 }
                 return view;
             }
@@ -2798,24 +2908,26 @@ PoolCore_hand_out(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred()) {
         return NULL;
     }
-    if (cls < 0 || cls >= self->nclasses || n < 1 || n > self->classes[cls].size) {
+    if (cls < 0 || cls >= self->nclasses || n < 1 || n > self->sizes[cls]) {
         PyErr_SetString(PyExc_ValueError, "hand_out(): no such class, or nbytes does not fit it");
         return NULL;
     }
-    pool_class *pc = &self->classes[cls];
-    PoolLease *root = new_lease(self, NULL, args[1], cls, (char *)addr, 0, 0);
+    int shard = thread_shard();  /* the block joins the caller's shard (B7) */
+    pool_shard *sh = &self->shards[shard];
+    pool_class *pc = &sh->s.classes[cls];
+    PoolLease *root = new_lease(self, NULL, args[1], cls, (char *)addr, 0, 0, shard);
     if (root == NULL) {
         return NULL;
     }
-    CORE_LOCK(self);
-    int closed = self->closed;
+    SHARD_LOCK(sh);
+    int closed = is_closed(self);
     int ok = !closed && reserve_one_locked(pc) == 0;
     if (ok) {
         pc->owned++;  /* B1: out; queued at its last release */
         root->len = n;
         root->tokens = 1;
     }
-    CORE_UNLOCK(self);
+    SHARD_UNLOCK(sh);
     PyObject *view = NULL;
     if (!ok) {
         if (closed) {
@@ -2826,10 +2938,10 @@ PoolCore_hand_out(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     else if ((view = root_view(self, root)) == NULL) {
-        CORE_LOCK(self);
+        SHARD_LOCK(sh);
         pc->owned--;
         root->tokens = 0;
-        CORE_UNLOCK(self);
+        SHARD_UNLOCK(sh);
     }
     Py_DECREF(root);  /* the view's buffer holds it */
     return view;
@@ -2852,20 +2964,22 @@ PoolCore_stock(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "stock(): no such class");
         return NULL;
     }
-    pool_class *pc = &self->classes[cls];
-    PoolLease *root = new_lease(self, NULL, args[1], cls, (char *)addr, 0, 0);
+    int shard = thread_shard();  /* the block joins the caller's shard (B7) */
+    pool_shard *sh = &self->shards[shard];
+    pool_class *pc = &sh->s.classes[cls];
+    PoolLease *root = new_lease(self, NULL, args[1], cls, (char *)addr, 0, 0, shard);
     if (root == NULL) {
         return NULL;
     }
     pool_slot slot = {root, 0};
-    CORE_LOCK(self);
-    int closed = self->closed;
+    SHARD_LOCK(sh);
+    int closed = is_closed(self);
     int ok = !closed && reserve_one_locked(pc) == 0;
     if (ok) {
         pc->owned++;
         pc->free[pc->nfree++] = slot;
     }
-    CORE_UNLOCK(self);
+    SHARD_UNLOCK(sh);
     if (!ok) {
         Py_DECREF(slot.lease);
         if (closed) {
@@ -2877,8 +2991,9 @@ PoolCore_stock(PoolCore *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* spill(cls): ([free blocks], [(block, goal), ...] oldest first) of class
- * `cls` (-1: every class), taken out of the core (B1, B2). */
+/* spill(cls): ([free blocks], [(block, goal), ...]) of class `cls` (-1:
+ * every class), taken out of the core (B1). The waiting blocks come shard
+ * by shard, each shard's oldest first: the caller sorts them by goal (B2). */
 static PyObject *
 PoolCore_spill(PoolCore *self, PyObject *arg)
 {
@@ -2895,13 +3010,14 @@ PoolCore_spill(PoolCore *self, PyObject *arg)
     if (freed == NULL || waiting == NULL) {
         goto error;
     }
-    for (Py_ssize_t i = lo; i < hi; i++) {
-        pool_class *pc = &self->classes[i];
+    for (Py_ssize_t q = lo * POOL_SHARDS; q < hi * POOL_SHARDS; q++) {
+        pool_shard *sh = &self->shards[q % POOL_SHARDS];
+        pool_class *pc = &sh->s.classes[q / POOL_SHARDS];
         /* Copy the class's slots out under the lock, then build the lists
          * (which allocates) outside it (B4). */
         Py_ssize_t nf, nw;
         pool_slot *f = NULL, *w = NULL;
-        CORE_LOCK(self);
+        SHARD_LOCK(sh);
         nf = pc->nfree;
         nw = pc->wait_end - pc->wait_head;
         if (nf + nw) {
@@ -2914,7 +3030,7 @@ PoolCore_spill(PoolCore *self, PyObject *arg)
                 pc->nfree = pc->wait_head = pc->wait_end = 0;
             }
         }
-        CORE_UNLOCK(self);
+        SHARD_UNLOCK(sh);
         if (nf + nw && f == NULL) {
             PyErr_NoMemory();
             goto error;
@@ -2956,13 +3072,14 @@ PoolCore_location(PoolCore *self, PyObject *view)
     PyObject *block = NULL;
     Py_ssize_t start = 0;
     if (lease != NULL) {
-        CORE_LOCK(self);
+        PoolLease *root = lease->root ? lease->root : lease;
+        pool_shard *sh = &self->shards[root->shard];
+        SHARD_LOCK(sh);
         if (atomic_load_explicit(&lease->view, memory_order_acquire) == view) {
-            PoolLease *root = lease->root ? lease->root : lease;
             block = Py_NewRef(root->block);  /* an incref only: no Python code runs */
             start = lease->start;
         }
-        CORE_UNLOCK(self);
+        SHARD_UNLOCK(sh);
     }
     if (block == NULL) {
         Py_RETURN_NONE;
@@ -2974,9 +3091,9 @@ PoolCore_location(PoolCore *self, PyObject *view)
 static PyObject *
 PoolCore_close(PoolCore *self, PyObject *Py_UNUSED(ignored))
 {
-    CORE_LOCK(self);
-    self->closed = 1;
-    CORE_UNLOCK(self);
+    /* Before the shards are emptied: each shard's critical sections test
+     * it, so none queues into a shard after drop_blocks() emptied it. */
+    atomic_store_explicit(&self->closed, 1, memory_order_relaxed);
     drop_blocks(self);
     Py_RETURN_NONE;
 }
@@ -2988,7 +3105,9 @@ PoolCore_after_fork_in_child(PoolCore *self, PyObject *Py_UNUSED(ignored))
     /* Only the forking thread survives; whoever held the lock is gone, and
      * nothing under it is left half done that the child could see: each
      * critical section's writes are plain stores of whole slots. */
-    memset(&self->mutex, 0, sizeof(self->mutex));
+    for (int k = 0; k < POOL_SHARDS; k++) {
+        memset(&self->shards[k].s.mutex, 0, sizeof(self->shards[k].s.mutex));
+    }
 #endif
     (void)self;
     Py_RETURN_NONE;
@@ -2997,10 +3116,7 @@ PoolCore_after_fork_in_child(PoolCore *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 PoolCore_get_given_back(PoolCore *self, void *Py_UNUSED(closure))
 {
-    CORE_LOCK(self);
-    int64_t v = self->given_back;
-    CORE_UNLOCK(self);
-    return PyLong_FromLongLong(v);
+    return PyLong_FromLongLong(atomic_load_explicit(&self->given_back, memory_order_relaxed));
 }
 
 static PyObject *
@@ -3013,15 +3129,19 @@ PoolCore_get_held(PoolCore *self, void *Py_UNUSED(closure))
     if (counts == NULL) {
         return PyErr_NoMemory();
     }
-    CORE_LOCK(self);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        pool_class *pc = &self->classes[i];
-        counts[4 * i] = pc->size;
-        counts[4 * i + 1] = pc->owned;
-        counts[4 * i + 2] = pc->nfree;
-        counts[4 * i + 3] = pc->wait_end - pc->wait_head;
+    memset(counts, 0, (size_t)n * 4 * sizeof(Py_ssize_t));
+    for (int k = 0; k < POOL_SHARDS; k++) {
+        pool_shard *sh = &self->shards[k];
+        SHARD_LOCK(sh);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            pool_class *pc = &sh->s.classes[i];
+            counts[4 * i] = pc->size;
+            counts[4 * i + 1] += pc->owned;
+            counts[4 * i + 2] += pc->nfree;
+            counts[4 * i + 3] += pc->wait_end - pc->wait_head;
+        }
+        SHARD_UNLOCK(sh);
     }
-    CORE_UNLOCK(self);
     PyObject *d = PyDict_New();
     for (Py_ssize_t i = 0; d != NULL && i < n; i++) {
         PyObject *k = PyLong_FromSsize_t(counts[4 * i]);

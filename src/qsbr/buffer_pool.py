@@ -51,11 +51,12 @@ slicing a memoryview another thread also uses.
 
 The C fast path. On the native kernel a plain pool (not in debug mode, its
 hot methods and PageSet not overridden) has a ``PoolCore`` (_kernel.c, whose
-header states its invariants B1-B6): ``pool.acquire``, ``pool.release`` and
+header states its invariants B1-B7): ``pool.acquire``, ``pool.release`` and
 ``pool.slice`` are then the core's C methods. Per size class the core keeps
 a stack of free blocks and a FIFO of released blocks tagged with goal =
 wr_seq + 2; acquire() pops a free block, first moving the FIFO's heads
-whose goal the domain's published rd_seq has reached (B5). Each view it
+whose goal the domain's published rd_seq has reached (B5); on 3.13t the
+tables are in shards, a thread's own first (B7). Each view it
 makes is exported by a ``PoolLease`` (``view.obj``), so release() finds
 the block from the view itself (no ``_out`` entry) and refuses a copy (B3).
 Whatever the core cannot serve (a miss, a size above the largest class or
@@ -251,6 +252,8 @@ class BufferPool(Backpressure, DebugPool):
         pages = self._p
         for block in free:
             pages.untake(block)
+        # Shard by shard, each in goal order: one order for the queues (B2).
+        waiting.sort(key=lambda entry: entry[1])
         for block, goal in waiting:
             pages.requeue(block, goal)
 
