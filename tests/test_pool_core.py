@@ -141,14 +141,15 @@ def test_a_view_released_by_memoryview_is_refused_on_every_path(domain: qsbr.Dom
         assert pool.stats().classes[64].in_use == 1  # the block stays out, never reused early
 
 
-@needs_native
 def test_a_plain_acquire_release_loop_keeps_the_pool_small(domain: qsbr.Domain) -> None:
     """A thread that quiesces every 64 buffers, alone, in rounds (a longer
     gap between quiescent states at each round's start): blocks come back
     after a grace period and the pool stops growing, because the pool starts
-    the grace period of its waiting blocks once POLL_AFTER wait (B6). Before,
-    it grew by a page of 64 KiB blocks every few thousand buffers, for good.
-    (The Python path still grows here: docs/benchmarks.md, "P7".)"""
+    the grace period of its waiting blocks once POLL_AFTER come back in a
+    row with one goal (B6). Before, it grew by a page of 64 KiB blocks every
+    few thousand buffers, for good (both paths)."""
+    if domain.debug:
+        pytest.skip("debug mode retires each block to the domain instead")
     domain.register()
     try:
         pool = qsbr.BufferPool(domain=domain)
@@ -161,7 +162,7 @@ def test_a_plain_acquire_release_loop_keeps_the_pool_small(domain: qsbr.Domain) 
                 if i & 63 == 63:
                     domain.quiescent()
             pages.append(pool.stats().pages)
-        assert pages[-1] == pages[-6] and pages[-1] <= 32, pages
+        assert pages[-1] == pages[-6] and pages[-1] <= 16, pages
     finally:
         domain.unregister()
 

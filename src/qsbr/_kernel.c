@@ -2089,10 +2089,11 @@ run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       order after the scan that certified it and loaded here with acquire
  *       order, so the readers' quiescent states that made it safe happen
  *       before the block's reuse.
- *   B6. Once ADVANCE_AFTER blocks wait in a FIFO and its oldest one's goal
- *       is past wr_seq (no advance since it came back), the release that
- *       queued the last one advances wr_seq (after the lock): the grace
- *       period of the waiting blocks starts before the free stack runs out.
+ *   B6. Once ADVANCE_AFTER blocks in a row were queued in a FIFO with the
+ *       same goal (no advance since the first of them came back), the
+ *       release that queued the last one advances wr_seq (after the lock):
+ *       the grace period of the waiting blocks starts before the free stack
+ *       runs out, and polls need not advance.
  *       Left to the poll at that moment (the design's deferred advance),
  *       the first poll of every refill failed and the pool carved fresh
  *       blocks, and a plain acquire/release loop grew the pool for good.
@@ -2122,6 +2123,7 @@ typedef struct {
     pool_slot *wait;
     Py_ssize_t wait_head, wait_end;
     Py_ssize_t cap;    /* of `free` and of `wait`: >= owned (B4) */
+    Py_ssize_t run;    /* B6: blocks queued with the newest goal, in a row */
 } pool_class;
 
 /* B7's shards. With the GIL one thread runs at a time: one shard. */
@@ -2378,9 +2380,11 @@ queue_block_locked(PoolCore *self, pool_shard *sh, PoolLease *root)
      * back, under the lock that orders the FIFO. */
     int64_t wr = load_wr_seq(self->domain);
     pool_slot slot = {(PoolLease *)Py_NewRef(root), wr + 2};
+    int same = pc->wait_end > pc->wait_head && pc->wait[pc->wait_end - 1].goal == wr + 2;
+    pc->run = same ? pc->run + 1 : 1;
     pc->wait[pc->wait_end++] = slot;
     int64_t given = atomic_fetch_add_explicit(&self->given_back, 1, memory_order_relaxed) + 1;
-    int advance = pc->wait_end - pc->wait_head >= ADVANCE_AFTER && pc->wait[pc->wait_head].goal > wr;
+    int advance = pc->run >= ADVANCE_AFTER;
     return (advance ? QUEUED_ADVANCE : 0) | ((given & 255) == 0 ? QUEUED_TRIM : 0);
 }
 

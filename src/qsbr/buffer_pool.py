@@ -201,6 +201,8 @@ class BufferPool(Backpressure, DebugPool):
         self._fast = not self._debug
         self._class_index = {c: i for i, c in enumerate(classes)}
         self._next_spill = 0.0  # _maybe_trim's next spill of the core
+        #: B6's count per class: blocks given back in a row with the newest goal.
+        self._run: dict[int, int] = dict.fromkeys(classes, 0)
         #: The C fast path ("The C fast path" above), or None.
         self._core: Any = None
         if self._may_use_core():
@@ -581,12 +583,16 @@ class BufferPool(Backpressure, DebugPool):
         if self._closed:
             return None
         pages = self._p
+        waiting = pages.waiting[block.size] if not block.page.large else None
+        newest = waiting[-1].goal if waiting else None
         pages.retire(block)
-        if not block.page.large and not self._debug:
-            waiting = pages.waiting[block.size]
-            if len(waiting) >= POLL_AFTER and waiting[0].goal > block.goal - 2:
-                # B6 (_kernel.c, queue_block_locked): start the grace period
-                # of the blocks waiting, before the free ones run out.
+        if waiting is not None and not self._debug:
+            same = newest == block.goal
+            # B6 (_kernel.c): POLL_AFTER blocks in a row with one goal (no
+            # advance since the first came back): start their grace period
+            # now, before the free blocks run out; polls need not advance.
+            run = self._run[block.size] = (self._run[block.size] + 1) if same else 1
+            if run >= POLL_AFTER:
                 self._domain.advance()
         self._releases += 1
         if self._releases % TRIM_EVERY == 0:

@@ -89,14 +89,12 @@ class Backpressure:
 
     def _poll_for_waiting(self) -> bool:
         """Outside our lock (a poll runs releases, which may use this pool):
-        one poll covers every class. It advances wr_seq to the newest goal
-        of any waiting block, so that the blocks released since the last
-        advance get a grace period of their own now: polling only to the
-        oldest goal left them all waiting for the next poll, and the next
-        poll came later the more blocks waited (the pool grew without bound
-        in a plain acquire/release loop). Returns whether the newest head
-        goal (every class's oldest block) is reached (True when nothing
-        waits)."""
+        one poll to the newest head goal covers every class's oldest block.
+        It rarely needs to advance: the pool advances wr_seq itself once
+        POLL_AFTER blocks in a row come back with one goal (B6, in
+        BufferPool._give_back and _kernel.c), so the grace period of the
+        blocks waiting is under way before the free ones run out. Returns
+        whether that goal is reached (True when nothing waits)."""
         with self._lock:
             goals = self._p.goals()
             if self._core is not None:
@@ -111,10 +109,10 @@ class Backpressure:
         if self._debug:
             return self._domain.poll()  # runs the grace-period callbacks (buffer_pool.py's docstring)
         domain = self._domain
-        head = max(h for h, _ in goals.values())
+        head = max(h for h, _ in goals.values())  # (the newest goals are B6's to advance for)
         if domain.goal_reached(head):
             return True
-        domain.poll(max(t for _, t in goals.values()))
+        domain.poll(head)
         return domain.goal_reached(head)
 
     def _wait_for_room(
