@@ -97,7 +97,7 @@ from .domain import Domain
 from .options import check_choice, check_int, check_optional_int, check_seconds
 from .pool_backpressure import POLL_AFTER, Backpressure
 from .pool_debug import DebugPool, is_released
-from .pool_pages import OUT_SHARD_MASK, POISON, Block, PageSet, address_of, byte_view, new_memory
+from .pool_pages import HAS_ADDRESSES, OUT_SHARD_MASK, POISON, Block, PageSet, byte_view, new_memory
 from .pool_stats import ClassStats, PoolStats
 
 __all__ = ["BufferPool", "PoolStats", "ClassStats", "POISON", "new_memory", "byte_view"]
@@ -216,7 +216,7 @@ class BufferPool(Backpressure, DebugPool):
             and self._native
             and not self._debug
             and self._pages_class is PageSet
-            and address_of(new_memory(1)) is not None
+            and HAS_ADDRESSES
             # A subclass that overrides a hot method keeps it.
             and all(getattr(cls, m) is getattr(BufferPool, m) for m in ("acquire", "release", "slice"))
         )

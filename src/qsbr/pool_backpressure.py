@@ -96,20 +96,19 @@ class Backpressure:
         blocks waiting is under way before the free ones run out. Returns
         whether that goal is reached (True when nothing waits)."""
         with self._lock:
-            goals = self._p.goals()
+            heads = self._p.heads()
             if self._core is not None:
                 # A class's blocks may wait in two queues (a spill left some
                 # in the PageSet): its oldest is the older of the two heads.
-                for index, head, tail in self._core.goals():
+                for index, core_head, _ in self._core.goals():
                     size = self._classes[index]
-                    h, t = goals.get(size, (head, tail))
-                    goals[size] = (min(h, head), max(t, tail))
-        if not goals:
+                    heads[size] = min(heads.get(size, core_head), core_head)
+        if not heads:
             return True
         if self._debug:
             return self._domain.poll()  # runs the grace-period callbacks (buffer_pool.py's docstring)
         domain = self._domain
-        head = max(h for h, _ in goals.values())  # (the newest goals are B6's to advance for)
+        head = max(heads.values())  # (the newest goals are B6's to advance for)
         if domain.goal_reached(head):
             return True
         domain.poll(head)
@@ -149,7 +148,7 @@ class Backpressure:
             self._exhausted += 1
             self._sync()
             out, waiting, _ = self._p.byte_counts()
-            heads = self._p.head_goals()
+            heads = list(self._p.heads().values())
         assert self._max_bytes is not None
         holders = self._domain.holding_back(min(heads)) if heads else []
         return PoolExhaustedError(

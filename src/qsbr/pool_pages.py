@@ -30,7 +30,17 @@ try:
 except ImportError:  # pragma: no cover - a CPython without ctypes
     ctypes = None  # type: ignore[assignment]
 
-__all__ = ["PageSet", "Page", "Block", "new_memory", "address_of", "byte_view", "poison", "POISON"]
+__all__ = [
+    "PageSet",
+    "Page",
+    "Block",
+    "new_memory",
+    "address_of",
+    "HAS_ADDRESSES",
+    "byte_view",
+    "poison",
+    "POISON",
+]
 
 POISON = 0xDB  # what debug mode writes over a block once it is safe
 _POISONS: dict[int, bytes] = {}
@@ -40,6 +50,10 @@ def new_memory(nbytes: int) -> Any:
     """Zeroed memory that exports buffers without a shared count: a ctypes
     byte array (a bytearray where there is no ctypes)."""
     return (ctypes.c_ubyte * nbytes)() if ctypes is not None else bytearray(nbytes)
+
+
+#: Whether pages are ctypes arrays, whose addresses the C fast path uses.
+HAS_ADDRESSES = ctypes is not None
 
 
 def address_of(mem: Any) -> int | None:
@@ -269,18 +283,12 @@ class PageSet:
         self.in_use[block.size] -= 1
         self.waiting[block.size].append(block)
 
-    def head_goals(self) -> list[int]:
-        """The goal at the head of every waiting queue."""
-        heads = [w[0].goal for w in self.waiting.values() if w]
-        if self.large_waiting:
-            heads.append(self.large_waiting[0].goal)
-        return heads
-
-    def goals(self) -> dict[int, tuple[int, int]]:
-        """{size class (0: large blocks): (oldest goal, newest goal)} of every
-        waiting queue that is not empty."""
+    def heads(self) -> dict[int, int]:
+        """{size class (0: large blocks): the goal at the head of its waiting
+        queue} for every queue that is not empty (the oldest block's goal:
+        goals in a queue never decrease)."""
         queues = [*self.waiting.items(), (0, self.large_waiting)]
-        return {size: (w[0].goal, w[-1].goal) for size, w in queues if w}
+        return {size: w[0].goal for size, w in queues if w}
 
     # -- giving memory back --------------------------------------------------
 
