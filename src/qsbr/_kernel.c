@@ -2066,15 +2066,17 @@ run_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       PageSet counts each as taken (page.out includes it), so no page
  *       holding one is recarved or trimmed: the pool spills the core before
  *       anything that reads PageSet's free or waiting blocks.
- *   B2. Goals in a FIFO never decrease: each is wr_seq + 2 loaded under the
- *       core's lock after the block's last view came back (the design's
- *       deferred advance, as PageSet.retire). spill() empties a FIFO under
- *       the lock, inside the pool's lock, into PageSet.waiting, which only
- *       spills feed while the core is on: that queue stays ascending too.
+ *   B2. Goals in a FIFO never decrease: each is wr_seq + 2 loaded under its
+ *       shard's lock after the block's last view came back (the design's
+ *       deferred advance, as PageSet.retire). spill() empties the FIFOs
+ *       under their locks, inside the pool's lock; the pool sorts what
+ *       they held by goal into PageSet.waiting, which only spills feed
+ *       while the core is on: that queue stays ascending too.
  *   B3. A root lease's tokens = its block's views that are out (its own and
  *       its slices'); the release that takes tokens to 0 alone queues the
  *       block. A view is out while its lease's `view` is that view: release
- *       and slice test `view is lease->view` under the lock, so a copy
+ *       and slice test `view is lease->view` under the block's shard's
+ *       lock, so a copy
  *       (memoryview(view), view[a:b]) or a view released already is refused
  *       (the Python path then raises its error).
  *   B4. Nothing under a shard's lock calls into Python, allocates a Python
@@ -2150,8 +2152,8 @@ typedef struct {
     GraceTiming *timing;     /* the domain's: its rd_seq (B5); NULL: none */
     PyTypeObject *lease_type;
     /* The pool's Python paths, each held through a weak reference to the
-     * pool (_weak.weak_method): the core serves what it can and passes
-     * every other call, with its arguments, to these. */
+     * pool (buffer_pool._python_path): the core serves what it can and
+     * passes every other call, with its arguments, to these. */
     PyObject *slow_acquire, *slow_release, *slow_slice;
     PyObject *every_256th_give_back;   /* or None */
     PyObject *advance;       /* the domain's advance() */
@@ -2174,10 +2176,10 @@ typedef struct PoolLease {
     struct PoolLease *root;  /* a slice's: the lease of its block's acquired view */
     PyObject *block;         /* a root's: the Block (keeps its page alive) */
     char *buf;
-    Py_ssize_t len;          /* a root's: set under the core's lock while not out */
+    Py_ssize_t len;          /* a root's: set under its shard's lock while not out */
     Py_ssize_t start;        /* where the view starts in its block */
     /* Strong, while the view is out (B3). Atomic: acquire() stores a root's
-     * new view without the core's lock (release() of one of its earlier
+     * new view without its shard's lock (release() of one of its earlier
      * views may be testing it then, under the lock, and can only find it
      * different); every other write is under the lock. */
     _Atomic(PyObject *) view;
@@ -2737,7 +2739,7 @@ PoolCore_try_acquire(PoolCore *self, PyObject *nbytes)
 }
 
 /* waiting(cls): (how many blocks of class cls wait in the FIFOs, the oldest
- * one's goal, the newest one's goal); the goals are 0 when none waits. */
+ * one's goal); the goal is 0 when none waits. */
 static PyObject *
 PoolCore_waiting(PoolCore *self, PyObject *arg)
 {
@@ -2749,7 +2751,7 @@ PoolCore_waiting(PoolCore *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "waiting(): no such class");
         return NULL;
     }
-    int64_t head = 0, tail = 0;
+    int64_t head = 0;
     Py_ssize_t total = 0;
     for (int k = 0; k < POOL_SHARDS; k++) {
         pool_shard *sh = &self->shards[k];
@@ -2757,23 +2759,22 @@ PoolCore_waiting(PoolCore *self, PyObject *arg)
         SHARD_LOCK(sh);
         Py_ssize_t n = pc->wait_end - pc->wait_head;
         if (n) {
-            int64_t h = pc->wait[pc->wait_head].goal, t = pc->wait[pc->wait_end - 1].goal;
+            int64_t h = pc->wait[pc->wait_head].goal;
             head = total && head < h ? head : h;
-            tail = total && tail > t ? tail : t;
             total += n;
         }
         SHARD_UNLOCK(sh);
     }
-    return Py_BuildValue("(nLL)", total, (long long)head, (long long)tail);
+    return Py_BuildValue("(nL)", total, (long long)head);
 }
 
-/* goals(): (class index, oldest goal, newest goal) of every class with
- * blocks waiting, over its FIFOs in every shard. */
+/* goals(): (class index, oldest goal) of every class with blocks waiting,
+ * over its FIFOs in every shard. */
 static PyObject *
 PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
 {
     Py_ssize_t n = self->nclasses, k = 0;
-    int64_t *goals = PyMem_RawMalloc((size_t)n * 3 * sizeof(int64_t));
+    int64_t *goals = PyMem_RawMalloc((size_t)n * 2 * sizeof(int64_t));
     if (goals == NULL) {
         return PyErr_NoMemory();
     }
@@ -2784,17 +2785,10 @@ PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
             pool_class *pc = &sh->s.classes[i];
             SHARD_LOCK(sh);
             if (pc->wait_head < pc->wait_end) {
-                int64_t h = pc->wait[pc->wait_head].goal, t = pc->wait[pc->wait_end - 1].goal;
-                if (!found) {
-                    goals[3 * k] = i;
-                    goals[3 * k + 1] = h;
-                    goals[3 * k + 2] = t;
-                    found = 1;
-                }
-                else {
-                    goals[3 * k + 1] = goals[3 * k + 1] < h ? goals[3 * k + 1] : h;
-                    goals[3 * k + 2] = goals[3 * k + 2] > t ? goals[3 * k + 2] : t;
-                }
+                int64_t h = pc->wait[pc->wait_head].goal;
+                goals[2 * k] = i;
+                goals[2 * k + 1] = found && goals[2 * k + 1] < h ? goals[2 * k + 1] : h;
+                found = 1;
             }
             SHARD_UNLOCK(sh);
         }
@@ -2802,8 +2796,7 @@ PoolCore_goals(PoolCore *self, PyObject *Py_UNUSED(ignored))
     }
     PyObject *list = PyList_New(k);
     for (Py_ssize_t i = 0; list != NULL && i < k; i++) {
-        PyObject *g = Py_BuildValue("(LLL)", (long long)goals[3 * i], (long long)goals[3 * i + 1],
-                                    (long long)goals[3 * i + 2]);
+        PyObject *g = Py_BuildValue("(LL)", (long long)goals[2 * i], (long long)goals[2 * i + 1]);
         if (g == NULL) {
             Py_CLEAR(list);
             break;
@@ -3168,9 +3161,9 @@ static PyMethodDef PoolCore_methods[] = {
      "try_acquire($self, nbytes, /)\n--\n\n"
      "A view of a block the core has ready (rd_seq as now published), or None."},
     {"waiting", (PyCFunction)PoolCore_waiting, METH_O,
-     "waiting($self, cls, /)\n--\n\n(count, oldest goal, newest goal) of the blocks of class cls waiting in the core."},
+     "waiting($self, cls, /)\n--\n\n(count, oldest goal) of the blocks of class cls waiting in the core."},
     {"goals", (PyCFunction)PoolCore_goals, METH_NOARGS,
-     "goals($self, /)\n--\n\n(class index, oldest goal, newest goal) of every waiting FIFO that is not empty."},
+     "goals($self, /)\n--\n\n(class index, oldest goal) of every class with blocks waiting in the core."},
     {"release", (PyCFunction)PoolCore_release, METH_O,
      "release($self, view, /)\n--\n\n"
      "BufferPool.release(): a view this core made, else the Python path."},

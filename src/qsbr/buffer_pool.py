@@ -352,7 +352,7 @@ class BufferPool(Backpressure, DebugPool):
         wait), and, if this poll failed, polls only once POLL_AFTER more
         wait."""
         core, index = self._core, self._class_index[size]
-        waiting, head, _ = core.waiting(index)
+        waiting, head = core.waiting(index)
         if waiting < self._poll_at[size]:
             return None
         domain = self._domain

@@ -100,7 +100,7 @@ class Backpressure:
             if self._core is not None:
                 # A class's blocks may wait in two queues (a spill left some
                 # in the PageSet): its oldest is the older of the two heads.
-                for index, core_head, _ in self._core.goals():
+                for index, core_head in self._core.goals():
                     size = self._classes[index]
                     heads[size] = min(heads.get(size, core_head), core_head)
         if not heads:
@@ -108,7 +108,7 @@ class Backpressure:
         if self._debug:
             return self._domain.poll()  # runs the grace-period callbacks (buffer_pool.py's docstring)
         domain = self._domain
-        head = max(heads.values())  # (the newest goals are B6's to advance for)
+        head = max(heads.values())  # every class's oldest (newer blocks get B6's advances)
         if domain.goal_reached(head):
             return True
         domain.poll(head)
