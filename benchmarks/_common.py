@@ -91,6 +91,38 @@ def interleaved(
     }
 
 
+def pool_cycles(pool: Any, quiescent: Callable[[], Any], size: int) -> Callable[[int], float]:
+    """P7's loop: n times acquire ``size`` bytes from ``pool``, write a byte,
+    release; ``quiescent()`` every 64th (so blocks come back after grace
+    periods, as a pipeline's would). Returns the case: n -> seconds."""
+
+    def case(n: int) -> float:
+        acquire, release = pool.acquire, pool.release
+        t = time.perf_counter()
+        for i in range(n):
+            v = acquire(size)
+            v[0] = 1
+            release(v)
+            if i & 63 == 63:
+                quiescent()
+        return time.perf_counter() - t
+
+    return case
+
+
+def fresh_bytearrays(size: int) -> Callable[[int], float]:
+    """P7's baseline: n times ``bytearray(size)`` and a one-byte write."""
+
+    def case(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            b = bytearray(size)
+            b[0] = 1
+        return time.perf_counter() - t
+
+    return case
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{build_tag()}.json"

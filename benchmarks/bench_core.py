@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import QUICK, interleaved, kernels, machine, write_json  # noqa: E402
+from _common import QUICK, fresh_bytearrays, interleaved, kernels, machine, pool_cycles, write_json  # noqa: E402
 
 
 class Plain:
@@ -268,20 +268,6 @@ def kernel_cases(q: Any, tag: str) -> tuple[dict[str, Callable[[int], float]], .
     pool_domain.register()
     pool = q.BufferPool(domain=pool_domain)
 
-    def pool_case(size: int) -> Callable[[int], float]:
-        def case(n: int) -> float:
-            acquire, release, quiescent = pool.acquire, pool.release, pool_domain.quiescent
-            t = time.perf_counter()
-            for i in range(n):
-                v = acquire(size)
-                v[0] = 1
-                release(v)
-                if i & 63 == 63:
-                    quiescent()
-            return time.perf_counter() - t
-
-        return case
-
     def cleanup() -> None:
         for dom in (d, rs, debug_domain, bg, pool_domain):
             dom.unregister()
@@ -308,7 +294,7 @@ def kernel_cases(q: Any, tag: str) -> tuple[dict[str, Callable[[int], float]], .
         {
             "retire_and_release": retire_case(d),
             "retire_background_reclaimer": retire_case(bg),
-            **{f"pool_{size}": pool_case(size) for size in POOL_SIZES},
+            **{f"pool_{size}": pool_cycles(pool, pool_domain.quiescent, size) for size in POOL_SIZES},
         }
     )
     return reader, request, writer, {"cleanup": lambda n: (cleanup(), 0.0)[1]}
@@ -438,18 +424,8 @@ def main() -> None:
         "lock_acquire_release": lock_section,
     }
 
-    def fresh_bytearray(size: int) -> Callable[[int], float]:
-        def case(n: int) -> float:
-            t = time.perf_counter()
-            for _ in range(n):
-                b = bytearray(size)
-                b[0] = 1
-            return time.perf_counter() - t
-
-        return case
-
     writer_cases: dict[str, Callable[[int], float]] = {
-        **{f"bytearray_{size}": fresh_bytearray(size) for size in POOL_SIZES},
+        **{f"bytearray_{size}": fresh_bytearrays(size) for size in POOL_SIZES},
         "append_and_release": append_and_release,
         "floor_retire": floor_case(floor.retire),
         "floor_retire_checked": floor_case(floor.retire_checked),

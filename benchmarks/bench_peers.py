@@ -39,7 +39,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qsbr  # noqa: E402
-from _common import QUICK, RESULTS, build_tag, interleaved, kernels, machine, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    QUICK,
+    RESULTS,
+    build_tag,
+    fresh_bytearrays,
+    interleaved,
+    kernels,
+    machine,
+    pool_cycles,
+    write_json,
+)
 
 try:
     from readerwriterlock import rwlock
@@ -549,27 +559,8 @@ def retire_and_pool(n: int, repeats: int) -> dict[str, dict[str, float]]:
         "retire_and_release": retire_and_release,
     }
     for size in (64, 4096, 65536):
-
-        def pooled(n: int, size: int = size) -> float:
-            acquire, release, quiescent = pool.acquire, pool.release, d.quiescent
-            t = time.perf_counter()
-            for i in range(n):
-                v = acquire(size)
-                v[0] = 1
-                release(v)
-                if i & 63 == 63:
-                    quiescent()
-            return time.perf_counter() - t
-
-        def fresh(n: int, size: int = size) -> float:
-            t = time.perf_counter()
-            for _ in range(n):
-                b = bytearray(size)
-                b[0] = 1
-            return time.perf_counter() - t
-
-        cases[f"pool_{size}"] = pooled
-        cases[f"bytearray_{size}"] = fresh
+        cases[f"pool_{size}"] = pool_cycles(pool, d.quiescent, size)
+        cases[f"bytearray_{size}"] = fresh_bytearrays(size)
     res = interleaved(cases, n, repeats)
     d.unregister()
     return res
