@@ -267,7 +267,9 @@ def test_acquire_blocks_until_a_block_is_safe_then_times_out(domain: qsbr.Domain
     got: list[memoryview] = []
     t = threading.Thread(target=lambda: got.append(pool.acquire(1000)))
     t.start()
-    time.sleep(0.1)
+    # Until the thread is in its wait: on a loaded machine it may not even
+    # have started after a fixed sleep, and then found the block safe.
+    assert wait_until(lambda: pool.stats().full_waits == 2)
     assert not got  # still waiting
     worker.call(domain.quiescent)  # the reader lets go: the block is safe
     t.join(STEP_TIMEOUT)
