@@ -30,7 +30,7 @@ $(VPY):
 # default) builds it with -Wall -Wextra -Werror and fails when it cannot be
 # built, rather than falling back to the pure-Python kernel in silence.
 STRICT ?= 1
-KERNEL_SOURCES := setup.py src/qsbr/_kernel.c
+KERNEL_SOURCES := setup.py src/qsbr/_kernel.c src/qsbr/_shared.c
 $(STAMP): pyproject.toml $(KERNEL_SOURCES) | $(VPY)
 	$(VPY) -m pip install --quiet --upgrade pip
 	QSBR_STRICT_BUILD=$(STRICT) $(VPY) -m pip install --quiet -e '.[test]'

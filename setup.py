@@ -1,6 +1,6 @@
 """Build of qsbr's optional C kernel (everything else is in pyproject.toml).
 
-The extension qsbr._kernel is optional: where it cannot be built (no C
+The extensions qsbr._kernel and qsbr._shared are optional: where it cannot be built (no C
 compiler, no Python headers) the install still succeeds and qsbr runs on its
 pure-Python kernel (qsbr.implementation == "python"). Environment:
 
@@ -60,11 +60,11 @@ def extensions() -> list[Extension]:
         compile_args += [sanitizers, "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
         link_args += [sanitizers]
     return [
-        Extension(
-            "qsbr._kernel",
-            sources=["src/qsbr/_kernel.c"],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
+        Extension(name, sources=[source], extra_compile_args=compile_args, extra_link_args=link_args)
+        for name, source in (
+            ("qsbr._kernel", "src/qsbr/_kernel.c"),
+            # Atomics on a shared segment, for SharedDomain (shared_domain.py).
+            ("qsbr._shared", "src/qsbr/_shared.c"),
         )
     ]
 

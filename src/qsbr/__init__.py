@@ -28,6 +28,8 @@ from .executor import ThreadPoolExecutor
 from .kernel import IMPLEMENTATION as implementation
 from .servers import ReadSectionHTTPRequestHandler, ReadSectionMiddleware, ReadSectionMixin
 from .shared_array import SharedArray
+from .shared_cell import SharedCell
+from .shared_domain import SharedDomain, SharedDomainStats, SharedThreadHandle
 from .sizes import estimate_size
 from .stall import StallReport
 from .stats import DomainStats
@@ -47,6 +49,10 @@ __all__ = [
     "ReadSectionMiddleware",
     "ReadSectionMixin",
     "SharedArray",
+    "SharedCell",
+    "SharedDomain",
+    "SharedDomainStats",
+    "SharedThreadHandle",
     "StallReport",
     "ThreadHandle",
     "ThreadPoolExecutor",

@@ -13,15 +13,19 @@ fallback. The choice is made once, at import:
 ``IMPLEMENTATION`` (``qsbr.implementation``) says which: "native" or "python".
 Nothing else in the package imports either twin directly.
 
-One part has no Python twin in _pykernel.py: ``PoolCore``, the C fast path
+Two parts have no Python twin in _pykernel.py. ``SharedWords`` and
+``SharedSlot`` (qsbr._shared, a second small extension: C11 atomics on a
+shared-memory segment) exist only on the native kernel, and SharedDomain
+refuses to run without them (shared_domain.py says why). And ``PoolCore``, the C fast path
 of a BufferPool, is None on the pure kernel, and the pool then runs the
 Python code that is its reference (buffer_pool.py, "The C fast path").
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._pykernel import Sink  # where the pure twin's detached stores land (unused by the C twin)
 
@@ -40,6 +44,9 @@ __all__ = [
     "PoolCore",
     "native_error",
     "Sink",
+    "SharedWords",
+    "SharedSlot",
+    "shared_error",
 ]
 
 
@@ -118,3 +125,17 @@ else:
         native_error = f"the C kernel is not available: {exc}"
     else:
         IMPLEMENTATION = "native"
+
+#: SharedDomain's atomics (None on the pure kernel), and why they are missing.
+SharedWords: Any = None
+SharedSlot: Any = None
+shared_error: str | None = None
+if IMPLEMENTATION == "native":
+    try:
+        _shared = importlib.import_module("qsbr._shared")
+    except ImportError as exc:  # built without it (an older install): SharedDomain says so
+        shared_error = f"the C extension qsbr._shared is not available: {exc}"
+    else:
+        SharedWords, SharedSlot = _shared.SharedWords, _shared.SharedSlot
+else:
+    shared_error = f"the pure-Python kernel is in use ({native_error})"
