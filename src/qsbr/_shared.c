@@ -5,8 +5,9 @@
  * has no atomic operations on memory it shares with other processes, so the
  * words of the segment are read and written here: SharedWords views a
  * writable buffer (the mmap of the segment) as an array of int64 and offers
- * load/store/add/cas on one word, and SharedSlot is one registered thread's
- * slot, whose quiescent()/attach()/detach() are the readers' hot path.
+ * load/store/add/cas on one word, SharedSlot is one registered thread's
+ * slot, whose quiescent()/attach()/detach() are the readers' hot path, and
+ * CellReader is SharedCell.read().
  *
  * Invariants (shared_domain.py states the rest; docs/design.md argues them):
  *   S1. Every word is an aligned int64 accessed only through C11 atomics,
@@ -45,6 +46,7 @@
 typedef struct {
     PyTypeObject *SharedWords_type;
     PyTypeObject *SharedSlot_type;
+    PyTypeObject *CellReader_type;
 } shared_state;
 
 static inline shared_state *
@@ -468,6 +470,235 @@ static PyType_Spec SharedSlot_spec = {
     .slots = SharedSlot_slots,
 };
 
+
+/* -- CellReader ------------------------------------------------------------------ */
+
+/* SharedCell.read(), the readers' hot path (shared_cell.py has the layout and
+ * C1-C4). The words it reads: the cell's `current` (a block's byte offset in
+ * the arena, -1 before the first publish) and the block's header. The view
+ * of the block last read is cached per object, keyed by (offset, version):
+ * while a block is current its header and data do not change (C2), and a
+ * block is reused only after a grace period (C3), after which it has a new
+ * version. Each call returns a new memoryview over the cached one, so that a
+ * caller's release() of its view (`with cell.read() as v:`) cannot touch
+ * another caller's. Values kept in segments of their own, and every error,
+ * go to the Python fallback. */
+
+#define CELL_CURRENT 8      /* word of the current block's offset */
+#define BLOCK_BYTES 64
+#define B_VERSION 2
+#define B_LENGTH 3
+#define B_KIND 4
+#define KIND_INLINE 0
+
+typedef struct {
+    PyObject_HEAD
+    SharedWordsObject *words;     /* strong */
+    PyObject *base;               /* read-only memoryview of the whole segment */
+    PyObject *fallback;           /* fallback(offset) -> memoryview: external values */
+    Py_ssize_t arena_at;          /* byte offset of the arena in the segment */
+    _Atomic int closed;
+#ifdef Py_GIL_DISABLED
+    PyMutex mutex;                /* guards the cache fields below */
+#endif
+    int64_t cache_offset;
+    int64_t cache_version;
+    PyObject *cache_view;         /* the block's data, or NULL */
+    PyObject *empty;              /* base[0:0] */
+} CellReaderObject;
+
+#ifdef Py_GIL_DISABLED
+#define CACHE_LOCK(r) PyMutex_Lock(&(r)->mutex)
+#define CACHE_UNLOCK(r) PyMutex_Unlock(&(r)->mutex)
+#else
+/* With the GIL: nothing between lock and unlock calls into Python. */
+#define CACHE_LOCK(r) ((void)0)
+#define CACHE_UNLOCK(r) ((void)0)
+#endif
+
+static PyObject *
+CellReader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *words, *base, *fallback;
+    Py_ssize_t arena_at;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "CellReader() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOOn:CellReader", &words, &base, &fallback, &arena_at)) {
+        return NULL;
+    }
+    PyObject *module = PyType_GetModule(type);
+    if (module == NULL) {
+        return NULL;
+    }
+    shared_state *st = get_shared_state(module);
+    if (!PyObject_TypeCheck(words, st->SharedWords_type) || !PyMemoryView_Check(base) || !PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "CellReader(words, base memoryview, fallback callable, arena_at)");
+        return NULL;
+    }
+    SharedWordsObject *w = (SharedWordsObject *)words;
+    if (arena_at < 0 || arena_at % 8 != 0 || arena_at / 8 >= w->count || w->count <= CELL_CURRENT) {
+        PyErr_SetString(PyExc_ValueError, "CellReader() arena offset out of range");
+        return NULL;
+    }
+    PyObject *empty = PySequence_GetSlice(base, 0, 0);
+    if (empty == NULL) {
+        return NULL;
+    }
+    CellReaderObject *self = (CellReaderObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(empty);
+        return NULL;
+    }
+    self->words = (SharedWordsObject *)Py_NewRef(words);
+    self->base = Py_NewRef(base);
+    self->fallback = Py_NewRef(fallback);
+    self->arena_at = arena_at;
+    self->cache_offset = -1;
+    self->cache_version = -1;
+    self->cache_view = NULL;
+    self->empty = empty;
+    atomic_store_explicit(&self->closed, 0, memory_order_relaxed);
+    return (PyObject *)self;
+}
+
+static int
+CellReader_traverse(CellReaderObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->words);
+    Py_VISIT(self->base);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->cache_view);
+    Py_VISIT(self->empty);
+    return 0;
+}
+
+static int
+CellReader_clear(CellReaderObject *self)
+{
+    Py_CLEAR(self->words);
+    Py_CLEAR(self->base);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->cache_view);
+    Py_CLEAR(self->empty);
+    return 0;
+}
+
+static void
+CellReader_dealloc(CellReaderObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)CellReader_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+PyDoc_STRVAR(CellReader_read_doc,
+             "read() -> memoryview: the current value, read-only (SharedCell.read).");
+
+static PyObject *
+CellReader_read(CellReaderObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (atomic_load_explicit(&self->closed, memory_order_acquire)) {
+        PyErr_SetString(PyExc_ValueError, "this SharedCell is closed in this process: open it again");
+        return NULL;
+    }
+    _Atomic int64_t *words = self->words->words;
+    Py_ssize_t count = self->words->count;
+    /* C2: acquire pairs with the writer's release store of `current`: the
+     * block's header and data written before it are visible. */
+    int64_t offset = atomic_load_explicit(&words[CELL_CURRENT], memory_order_acquire);
+    if (offset < 0) {
+        return PyMemoryView_FromObject(self->empty);
+    }
+    Py_ssize_t at = (self->arena_at + (Py_ssize_t)offset) / 8;
+    if (offset % BLOCK_BYTES != 0 || at + B_KIND >= count) {
+        PyErr_SetString(PyExc_RuntimeError, "SharedCell: the current offset is outside the arena (a damaged segment)");
+        return NULL;
+    }
+    int64_t version = atomic_load_explicit(&words[at + B_VERSION], memory_order_relaxed);
+    if (atomic_load_explicit(&words[at + B_KIND], memory_order_relaxed) != KIND_INLINE) {
+        PyObject *arg = PyLong_FromLongLong(offset);
+        if (arg == NULL) {
+            return NULL;
+        }
+        PyObject *result = PyObject_CallOneArg(self->fallback, arg);
+        Py_DECREF(arg);
+        return result;
+    }
+    PyObject *data = NULL;
+    CACHE_LOCK(self);
+    if (self->cache_view != NULL && self->cache_offset == offset && self->cache_version == version) {
+        data = Py_NewRef(self->cache_view);
+    }
+    CACHE_UNLOCK(self);
+    if (data == NULL) {
+        int64_t length = atomic_load_explicit(&words[at + B_LENGTH], memory_order_relaxed);
+        Py_ssize_t start = self->arena_at + (Py_ssize_t)offset + BLOCK_BYTES;
+        if (length < 0 || start + length > count * 8) {
+            PyErr_SetString(PyExc_RuntimeError, "SharedCell: a block runs past the arena (a damaged segment)");
+            return NULL;
+        }
+        data = PySequence_GetSlice(self->base, start, start + (Py_ssize_t)length);
+        if (data == NULL) {
+            return NULL;
+        }
+        CACHE_LOCK(self);
+        PyObject *old = self->cache_view;
+        self->cache_view = Py_NewRef(data);
+        self->cache_offset = offset;
+        self->cache_version = version;
+        CACHE_UNLOCK(self);
+        Py_XDECREF(old);
+    }
+    PyObject *view = PyMemoryView_FromObject(data);  /* the caller's own view */
+    Py_DECREF(data);
+    return view;
+}
+
+PyDoc_STRVAR(CellReader_close_doc, "close(): later reads raise ValueError; the cached view is dropped.");
+
+static PyObject *
+CellReader_close(CellReaderObject *self, PyObject *Py_UNUSED(ignored))
+{
+    atomic_store_explicit(&self->closed, 1, memory_order_release);
+    CACHE_LOCK(self);
+    PyObject *old = self->cache_view;
+    self->cache_view = NULL;
+    CACHE_UNLOCK(self);
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef CellReader_methods[] = {
+    {"read", (PyCFunction)CellReader_read, METH_NOARGS, CellReader_read_doc},
+    {"close", (PyCFunction)CellReader_close, METH_NOARGS, CellReader_close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(CellReader_doc,
+             "CellReader(words, base, fallback, arena_at): SharedCell.read()'s fast path.");
+
+static PyType_Slot CellReader_slots[] = {
+    {Py_tp_new, CellReader_new},
+    {Py_tp_dealloc, CellReader_dealloc},
+    {Py_tp_traverse, CellReader_traverse},
+    {Py_tp_clear, CellReader_clear},
+    {Py_tp_methods, CellReader_methods},
+    {Py_tp_doc, (void *)CellReader_doc},
+    {0, NULL},
+};
+
+static PyType_Spec CellReader_spec = {
+    .name = "qsbr._shared.CellReader",
+    .basicsize = sizeof(CellReaderObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = CellReader_slots,
+};
+
 /* -- the module ------------------------------------------------------------------ */
 
 static int
@@ -486,7 +717,8 @@ shared_exec(PyObject *module)
 {
     shared_state *st = get_shared_state(module);
     if (add_type(module, &SharedWords_spec, &st->SharedWords_type) < 0
-        || add_type(module, &SharedSlot_spec, &st->SharedSlot_type) < 0) {
+        || add_type(module, &SharedSlot_spec, &st->SharedSlot_type) < 0
+        || add_type(module, &CellReader_spec, &st->CellReader_type) < 0) {
         return -1;
     }
     return 0;
@@ -498,6 +730,7 @@ shared_traverse(PyObject *module, visitproc visit, void *arg)
     shared_state *st = get_shared_state(module);
     Py_VISIT(st->SharedWords_type);
     Py_VISIT(st->SharedSlot_type);
+    Py_VISIT(st->CellReader_type);
     return 0;
 }
 
@@ -507,6 +740,7 @@ shared_clear(PyObject *module)
     shared_state *st = get_shared_state(module);
     Py_CLEAR(st->SharedWords_type);
     Py_CLEAR(st->SharedSlot_type);
+    Py_CLEAR(st->CellReader_type);
     return 0;
 }
 

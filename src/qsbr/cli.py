@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one reader stops quiescing for a while: watch it being named and the backlog held under a cap",
     )
+    demo.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="the across-processes demo instead: N reader processes and a writer share a SharedCell; "
+        "one reader is SIGKILLed mid-run",
+    )
     view = demo.add_mutually_exclusive_group()
     view.add_argument("--live", dest="live", action="store_true", default=None, help="live view (needs rich)")
     view.add_argument("--plain", dest="live", action="store_false", help="one plain line per second")
@@ -58,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        if args.seconds <= 0 or args.readers < 1 or args.swap_ms < 0:
-            parser.error("--seconds must be > 0, --readers >= 1, --swap-ms >= 0")
+        if args.seconds <= 0 or args.readers < 1 or args.swap_ms < 0 or args.processes < 0:
+            parser.error("--seconds must be > 0, --readers >= 1, --swap-ms >= 0, --processes >= 1")
+        if args.processes:
+            from .demo_processes import run_process_demo
+
+            if args.processes < 2:
+                parser.error("--processes needs at least 2 reader processes (one of them is killed)")
+            return 0 if run_process_demo(args.processes, args.seconds, live=args.live).ok else 1
         report = run_demo(
             seconds=args.seconds,
             readers=args.readers,

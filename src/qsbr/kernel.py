@@ -14,7 +14,7 @@ fallback. The choice is made once, at import:
 Nothing else in the package imports either twin directly.
 
 Two parts have no Python twin in _pykernel.py. ``SharedWords`` and
-``SharedSlot`` (qsbr._shared, a second small extension: C11 atomics on a
+``SharedSlot`` and ``CellReader`` (qsbr._shared, a second small extension: C11 atomics on a
 shared-memory segment) exist only on the native kernel, and SharedDomain
 refuses to run without them (shared_domain.py says why). And ``PoolCore``, the C fast path
 of a BufferPool, is None on the pure kernel, and the pool then runs the
@@ -46,6 +46,7 @@ __all__ = [
     "Sink",
     "SharedWords",
     "SharedSlot",
+    "CellReader",
     "shared_error",
 ]
 
@@ -129,6 +130,7 @@ else:
 #: SharedDomain's atomics (None on the pure kernel), and why they are missing.
 SharedWords: Any = None
 SharedSlot: Any = None
+CellReader: Any = None
 shared_error: str | None = None
 if IMPLEMENTATION == "native":
     try:
@@ -136,6 +138,6 @@ if IMPLEMENTATION == "native":
     except ImportError as exc:  # built without it (an older install): SharedDomain says so
         shared_error = f"the C extension qsbr._shared is not available: {exc}"
     else:
-        SharedWords, SharedSlot = _shared.SharedWords, _shared.SharedSlot
+        SharedWords, SharedSlot, CellReader = _shared.SharedWords, _shared.SharedSlot, _shared.CellReader
 else:
     shared_error = f"the pure-Python kernel is in use ({native_error})"

@@ -44,10 +44,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from . import _fork, shm
-from .errors import NotRegisteredError
+from . import _fork, kernel, shm
 from .options import check_int
 from .shared_domain import SharedDomain, _native_atomics
 
@@ -123,6 +123,10 @@ class SharedCell:
         self._arena = arena
         self._view = memoryview(mm).toreadonly()
         self._closed = False
+        # read() is the C fast path (_shared.c, CellReader), set on the
+        # instance; values in segments of their own go to _read_external.
+        self._reader = kernel.CellReader(words, self._view, self._read_external, ARENA_AT)
+        self.read: Callable[[], memoryview] = self._reader.read
         self._new_process_state()
         _fork.track(self)
 
@@ -186,24 +190,18 @@ class SharedCell:
     def read(self) -> memoryview:
         """A read-only view of the current value (empty before the first
         publish), valid until the calling thread's next quiescent state or
-        detach. The thread must be registered with ``cell.domain``."""
-        domain = self._domain
-        handle = getattr(domain._tls, "handle", None)
-        if handle is None or self._closed:
-            self._check_open()
-            raise NotRegisteredError.for_call("SharedCell.read")
-        words = self._words
-        offset = words.load(C_CURRENT)  # C2: acquire
-        if offset < 0:
-            return self._view[0:0]
-        at = (ARENA_AT + offset) // 8
-        length = words.load(at + B_LENGTH)
-        if words.load(at + B_KIND) == INLINE:
-            start = ARENA_AT + offset + BLOCK
-            return self._view[start : start + length]
-        return self._read_external(at, offset, length)
+        detach: the thread must be registered with ``cell.domain`` and
+        attached. Like ``Cell.value``, read() does not check that (it is the
+        hot path); ValueError once the cell is closed in this process.
 
-    def _read_external(self, at: int, offset: int, length: int) -> memoryview:
+        The instance's ``read`` is the C fast path (CellReader.read), which
+        this method documents and stands in for on the class."""
+        return self._reader.read()  # type: ignore[no-any-return]
+
+    def _read_external(self, offset: int) -> memoryview:
+        """read() of a value kept in a segment of its own (the C path calls this)."""
+        at = (ARENA_AT + offset) // 8
+        length = int(self._words.load(at + B_LENGTH))
         start = ARENA_AT + offset + BLOCK
         name = bytes(self._view[start : start + self._words.load(at + B_NAMELEN)]).decode()
         cached = self._external
@@ -415,6 +413,7 @@ class SharedCell:
         if self._closed:
             return
         self._closed = True
+        self._reader.close()
         self._external = None
         self._domain.close()
         try:
