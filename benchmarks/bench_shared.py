@@ -372,7 +372,7 @@ def plot(payload: dict[str, Any]) -> Path | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, len(READERS), figsize=(4 * len(READERS), 3.6), sharey=True)
-    for ax, n in zip(axes, READERS):
+    for ax, n in zip(axes, READERS, strict=True):
         for kind, res in payload["peers"].items():
             ys = [res["reads"][f"{size}/{n}"]["reads_per_s"] for size in SIZES]
             ax.plot([str(s) for s in SIZES], ys, marker="o", label=kind)

@@ -113,7 +113,8 @@ def _line(elapsed: float, rates: list[tuple[str, float]], cell: SharedCell, kill
     per = "  ".join(f"{label} {rate / 1000:>7,.0f}k" for label, rate in rates)
     return (
         f"  {elapsed:5.1f}s  reads/s {per}  version {s['version']:>6,}  evicted {d.evicted}  "
-        f"arena {s['used'] / 1024:,.0f} of {s['capacity'] / 1024:,.0f} KiB  unlinks waiting {d.pending_unlinks}"
+        f"arena {s['used'] / 1024:,.0f} of {s['capacity'] / 1024:,.0f} KiB  "
+        f"unlinks waiting {d.pending_unlinks}"
         f"{'  [' + killed + ']' if killed else ''}"
     )
 
@@ -126,7 +127,7 @@ def run_process_demo(
     ctx = mp.get_context("spawn")
     cell = SharedCell(create=True, capacity=1 << 20)
     counters = ctx.Array(ctypes.c_int64, (processes + 1) * PER, lock=False)
-    stop = ctx.Value(ctypes.c_int, 0, lock=False)
+    stop: Any = ctx.Value(ctypes.c_int, 0, lock=False)
     # The eviction's WARNING, where the demo's reader can see it.
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("  %(levelname)s %(message)s"))

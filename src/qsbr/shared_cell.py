@@ -44,7 +44,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from . import _fork, kernel, shm
@@ -126,7 +125,7 @@ class SharedCell:
         # read() is the C fast path (_shared.c, CellReader), set on the
         # instance; values in segments of their own go to _read_external.
         self._reader = kernel.CellReader(words, self._view, self._read_external, ARENA_AT)
-        self.read: Callable[[], memoryview] = self._reader.read
+        self.read = self._reader.read  # type: ignore[method-assign]
         self._new_process_state()
         _fork.track(self)
 
