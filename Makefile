@@ -50,7 +50,7 @@ demo: $(STAMP)
 WHEELS ?= ../shared/wheels
 bench: $(STAMP)
 	$(VPY) -m pip install --quiet -e '.[plot]' || echo "matplotlib cannot be installed for this interpreter: JSON only, no plot"
-	$(VPY) -m pip install --quiet -e '.[peers]' || echo "readerwriterlock cannot be installed: bench peers skips it"
+	$(VPY) -m pip install --quiet -e '.[peers]' || echo "a peer (readerwriterlock, UltraDict, shared-memory-dict) cannot be installed: the bench skips it"
 	$(VPY) -m pip install --quiet --find-links $(WHEELS) cereggii ft_utils 2>/dev/null || echo "cereggii/ft_utils have no wheel for this interpreter: bench peers skips them"
 	$(VPY) -m qsbr bench
 

@@ -123,6 +123,11 @@ def reader_op(kind: str, handle: Any) -> Callable[[], Any]:
                 v[-1]
             quiescent()
 
+        # Between runs a reader waits for orders: detached, as any QSBR
+        # reader that blocks must be (an attached idle reader would hold
+        # every grace period, and the writer's arena, until it came back).
+        op_qsbr.pause = h.detach  # type: ignore[attr-defined]
+        op_qsbr.resume = h.attach  # type: ignore[attr-defined]
         op_qsbr.close = cell.close  # type: ignore[attr-defined]
         return op_qsbr
     if kind == "manager":
@@ -142,11 +147,16 @@ def reader_op(kind: str, handle: Any) -> Callable[[], Any]:
 
 def reader_worker(kind: str, handle: Any, conn: Any) -> None:
     op = reader_op(kind, handle)
+    pause, resume = getattr(op, "pause", None), getattr(op, "resume", None)
+    if pause is not None:
+        pause()
     conn.send("ready")
     while True:
         msg = conn.recv()
         if msg is None:
             break
+        if resume is not None:
+            resume()
         seconds = float(msg)
         # Throughput: untimed reads for the first half.
         n = 0
@@ -170,6 +180,8 @@ def reader_worker(kind: str, handle: Any, conn: Any) -> None:
             lat.append(b - a)
             if b >= end_ns:
                 break
+        if pause is not None:
+            pause()
         lat.sort()
         conn.send((n, elapsed, lat[len(lat) // 2], lat[int(len(lat) * 0.99)]))
     close = getattr(op, "close", None)

@@ -159,3 +159,43 @@ def test_zero_copy_pipeline_example_shows_what_qsbr_prevents() -> None:
     assert "qsbr.BufferPool: 0 of 2000 items corrupted" in out.stdout
     naive = int(out.stdout.split("naive pool:")[1].split("of")[0])
     assert naive > 0  # the naive pool does corrupt: the check can fail
+
+
+native_only = pytest.mark.skipif(qsbr.implementation != "native", reason="SharedCell needs the native kernel")
+
+
+@native_only
+def test_process_demo_kills_a_reader_and_verifies() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qsbr", "demo", "--processes", "2", "--seconds", "3", "--plain"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SIGKILLed" in out.stdout and "evicted (1 slot)" in out.stdout
+    assert "verified: no torn read, nothing leaked" in out.stdout
+
+
+def test_process_demo_needs_two_readers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--processes", "1"])
+    assert "at least 2" in capsys.readouterr().err
+
+
+@native_only
+def test_bench_shared_quick_runs(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qsbr", "bench", "--quick", "--out", str(tmp_path), "shared"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env={**__import__("os").environ, "QSBR_BENCH_PEERS": "qsbr"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads(next(tmp_path.glob("shared-*.json")).read_text())
+    assert set(data["peers"]) == {"qsbr"}
+    assert all(r["reads_per_s"] > 0 for r in data["peers"]["qsbr"]["reads"].values())
+    assert data["killed_writer"]["qsbr"]["left_in_dev_shm"] == []
