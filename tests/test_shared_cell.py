@@ -253,3 +253,39 @@ def test_a_cell_outlives_its_creator(children) -> None:
         c.close()
         c.unlink()
     assert not shm_names(name)
+
+
+def test_threads_of_one_process_read_the_same_value_at_once(make_cell) -> None:
+    """Views are views of a CellBlock (one managed buffer each): threads that
+    read, release and drop views of the same value at once share no export
+    counts (3.13t updates a memoryview's without atomics)."""
+    c = make_cell(capacity=1 << 16)
+    c.publish(b"a" * 1000)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            with c.domain.registered() as h:
+                while not stop.is_set():
+                    with c.read() as v:
+                        assert len(v) == 1000 and v[0] in (ord("a"), ord("b"))
+                    keep = c.read()
+                    assert bytes(keep[:1]) in (b"a", b"b")
+                    del keep
+                    h.quiescent()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(300):
+            c.publish((b"a" if i % 2 else b"b") * 1000)
+            time.sleep(0.0005)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors and not any(t.is_alive() for t in threads)

@@ -23,6 +23,14 @@
  * registers during the run. Scans read its slot first, so a scan can pass it
  * before it registers: the case that needs the scan's cap.
  *
+ * A participant can die (SharedDomain, issue 14): a killer process may, at
+ * any moment, SIGKILL reader 1, which then stops wherever it was, its seq
+ * frozen (in or out of a read section). Its liveness lock is gone with it:
+ * `alive[1]` becomes false in the same step. A scan that loads the seq of a
+ * participant that is not alive evicts it (seq = 0, under the structure
+ * lock, where the real code checks the lock): from then on it holds nothing
+ * back.
+ *
  * Checked by verify/run.sh:
  * - Safety: a reader never uses a released object, and each release runs
  *   exactly once (the asserts).
@@ -35,8 +43,11 @@
  *   MUTANT_NO_CAP       the scan's minimum is not capped at the wr_seq it read first
  *   MUTANT_EARLY_DETACH detach publishes 0 before the thread is done with the object
  *   MUTANT_LATE_ATTACH  attach reads the slot before publishing its seq
- * and one that must fail the liveness check:
+ *   MUTANT_EVICT_LIVE   a scan evicts reader 1 whether it is alive or not (a
+ *                       liveness check that takes a live participant for dead)
+ * and two that must fail the liveness check:
  *   MUTANT_NO_CATCHUP   poll never advances to a deferred goal nobody advanced to
+ *   MUTANT_NO_EVICT     a dead participant is never evicted
  */
 
 #define NR    2            /* readers */
@@ -52,6 +63,9 @@ bool released[NOBJ];
 byte releases[NOBJ];       /* times each release ran: must never exceed 1 */
 byte goal[NOBJ];
 bool writer_done = false;
+bool alive[NR];            /* a participant's liveness lock is held (set at start) */
+bool kill_now = false;     /* the killer has struck: reader 1 dies at its next step */
+byte evicted = 0;
 
 #define all_released (released[0] && released[1])
 
@@ -64,6 +78,17 @@ inline use(r) {
 inline scan_slot(k) {      /* one load of a thread's seq, and local work */
     d_step {
         s = seq[k];
+#ifdef MUTANT_EVICT_LIVE
+        if
+        :: s != 0 && (!alive[k] || k == 1) -> seq[k] = 0; s = 0; evicted++   /* BROKEN */
+        :: else -> skip
+        fi;
+#elif !defined(MUTANT_NO_EVICT)
+        if
+        :: s != 0 && !alive[k] -> seq[k] = 0; s = 0; evicted++  /* a dead participant: evicted */
+        :: else -> skip
+        fi;
+#endif
         if
         :: s != 0 && s < m -> m = s
         :: else -> skip
@@ -148,6 +173,8 @@ active proctype reclaimer() {
 active [NR] proctype reader() {
     byte me = _pid - 2;
     byte r, w;
+    alive[me] = true;
+    {
     if
     :: me == 1 -> w = wr_seq; seq[me] = w; w = 0       /* registered at start */
     :: else ->                                          /* registers during the run */
@@ -180,4 +207,11 @@ active [NR] proctype reader() {
 #endif
         d_step { r = 0; w = 0 }
     od
+    } unless {                                          /* SIGKILL: stop wherever it was */
+        me == 1 && kill_now -> d_step { alive[me] = false; r = 0; w = 0 }
+    }
+}
+
+active proctype killer() {
+    kill_now = true
 }

@@ -36,7 +36,7 @@ else
   grep -E "states, stored|errors:" live.out | sed 's/^/   /'
 fi
 
-for mutant in MUTANT_GOAL_OLD MUTANT_NO_CAP MUTANT_EARLY_DETACH MUTANT_LATE_ATTACH; do
+for mutant in MUTANT_GOAL_OLD MUTANT_NO_CAP MUTANT_EARLY_DETACH MUTANT_LATE_ATTACH MUTANT_EVICT_LIVE; do
   echo "== mutant $mutant must be rejected"
   build "-D$mutant"
   ./pan -m100000 > "$mutant.out" 2>&1 || true
@@ -58,7 +58,17 @@ else
   echo "   rejected: $(grep -m1 -E 'acceptance cycle|pan:1:' nocatchup.out || echo "errors: $errs")"
 fi
 
+echo "== liveness mutant MUTANT_NO_EVICT must be rejected"
+build -DMUTANT_NO_EVICT
+./pan -m100000 -a -f -N released_all > noevict.out 2>&1 || true
+errs=$(errors_of noevict.out)
+if [ -z "$errs" ] || [ "$errs" = "0" ]; then
+  echo "FAIL: spin did not reject MUTANT_NO_EVICT"; fail=1
+else
+  echo "   rejected: $(grep -m1 -E 'acceptance cycle|pan:1:' noevict.out || echo "errors: $errs")"
+fi
+
 if [ "$fail" != 0 ]; then
   echo "verify: FAILED"; exit 1
 fi
-echo "verify: model passes safety and liveness; all 5 mutants rejected"
+echo "verify: model passes safety and liveness; all 7 mutants rejected"

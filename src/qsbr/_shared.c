@@ -47,6 +47,7 @@ typedef struct {
     PyTypeObject *SharedWords_type;
     PyTypeObject *SharedSlot_type;
     PyTypeObject *CellReader_type;
+    PyTypeObject *CellBlock_type;
 } shared_state;
 
 static inline shared_state *
@@ -105,6 +106,9 @@ SharedWords_dealloc(SharedWordsObject *self)
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
+
+static PyObject *new_cell_block(PyTypeObject *type, SharedWordsObject *words, Py_ssize_t start,
+                                Py_ssize_t length);
 
 /* The word index argument `arg`, checked against the buffer. */
 static int
@@ -261,6 +265,27 @@ SharedWords_scan(SharedWordsObject *self, PyObject *const *args, Py_ssize_t narg
     return Py_BuildValue("(Ln)", (long long)lowest, found);
 }
 
+PyDoc_STRVAR(SharedWords_block_doc,
+             "block(start, length) -> CellBlock: a read-only buffer over those bytes.");
+
+static PyObject *
+SharedWords_block(SharedWordsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("block", nargs, 2) < 0) {
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t length = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *module = PyType_GetModule(Py_TYPE(self));
+    if (module == NULL) {
+        return NULL;
+    }
+    return new_cell_block(get_shared_state(module)->CellBlock_type, self, start, length);
+}
+
 static PyObject *
 SharedWords_len(SharedWordsObject *self, void *Py_UNUSED(closure))
 {
@@ -274,6 +299,7 @@ static PyMethodDef SharedWords_methods[] = {
     {"cas", (PyCFunction)(void (*)(void))SharedWords_cas, METH_FASTCALL, SharedWords_cas_doc},
     {"raise_to", (PyCFunction)(void (*)(void))SharedWords_raise_to, METH_FASTCALL, SharedWords_raise_to_doc},
     {"scan", (PyCFunction)(void (*)(void))SharedWords_scan, METH_FASTCALL, SharedWords_scan_doc},
+    {"block", (PyCFunction)(void (*)(void))SharedWords_block, METH_FASTCALL, SharedWords_block_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -471,18 +497,106 @@ static PyType_Spec SharedSlot_spec = {
 };
 
 
+
+/* -- CellBlock ---------------------------------------------------------------------- */
+
+/* A read-only buffer exporter over bytes [start, start + length) of a
+ * SharedWords' buffer: what SharedCell.read()'s views are views of. Every
+ * memoryview made from a CellBlock gets a managed buffer of its own, so
+ * threads that read the same value share only the CellBlock's reference
+ * count (atomic on free-threaded builds), never a memoryview's export
+ * counts (which 3.13t does not update atomically: docs/guide.md). The
+ * CellBlock holds its SharedWords, which holds the mapping (S5). */
+typedef struct {
+    PyObject_HEAD
+    SharedWordsObject *words;     /* strong */
+    char *data;
+    Py_ssize_t length;
+} CellBlockObject;
+
+static int
+CellBlock_getbuffer(CellBlockObject *self, Py_buffer *view, int flags)
+{
+    /* readonly=1: a request for a writable buffer fails with BufferError. */
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->data, self->length, 1, flags);
+}
+
+static int
+CellBlock_traverse(CellBlockObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->words);
+    return 0;
+}
+
+static void
+CellBlock_dealloc(CellBlockObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->words);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+CellBlock_get_length(CellBlockObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->length);
+}
+
+static PyGetSetDef CellBlock_getset[] = {
+    {"length", (getter)CellBlock_get_length, NULL, "Bytes the block exports.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot CellBlock_slots[] = {
+    {Py_bf_getbuffer, CellBlock_getbuffer},
+    {Py_tp_dealloc, CellBlock_dealloc},
+    {Py_tp_traverse, CellBlock_traverse},
+    {Py_tp_getset, CellBlock_getset},
+    {Py_tp_doc, (void *)"A read-only buffer over part of a SharedWords' buffer (SharedWords.block)."},
+    {0, NULL},
+};
+
+static PyType_Spec CellBlock_spec = {
+    .name = "qsbr._shared.CellBlock",
+    .basicsize = sizeof(CellBlockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = CellBlock_slots,
+};
+
+/* A new CellBlock over bytes [start, start + length) of `words`. */
+static PyObject *
+new_cell_block(PyTypeObject *type, SharedWordsObject *words, Py_ssize_t start, Py_ssize_t length)
+{
+    if (start < 0 || length < 0 || start > words->count * 8 || length > words->count * 8 - start) {
+        PyErr_SetString(PyExc_RuntimeError, "SharedCell: a block runs past its segment (a damaged segment)");
+        return NULL;
+    }
+    CellBlockObject *self = PyObject_GC_New(CellBlockObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->words = (SharedWordsObject *)Py_NewRef(words);
+    self->data = (char *)words->words + start;
+    self->length = length;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 /* -- CellReader ------------------------------------------------------------------ */
 
 /* SharedCell.read(), the readers' hot path (shared_cell.py has the layout and
  * C1-C4). The words it reads: the cell's `current` (a block's byte offset in
- * the arena, -1 before the first publish) and the block's header. The view
- * of the block last read is cached per object, keyed by (offset, version):
- * while a block is current its header and data do not change (C2), and a
- * block is reused only after a grace period (C3), after which it has a new
- * version. Each call returns a new memoryview over the cached one, so that a
+ * the arena, -1 before the first publish) and the block's header. The
+ * CellBlock of the block last read is cached per object, keyed by (offset,
+ * version): while a block is current its header and data do not change (C2),
+ * and a block is reused only after a grace period (C3), after which it has a
+ * new version. Each call returns a new memoryview of the CellBlock: a
  * caller's release() of its view (`with cell.read() as v:`) cannot touch
- * another caller's. Values kept in segments of their own, and every error,
- * go to the Python fallback. */
+ * another caller's, and threads share no export counts. Values kept in
+ * segments of their own go to the Python fallback. */
 
 #define CELL_CURRENT 8      /* word of the current block's offset */
 #define BLOCK_BYTES 64
@@ -494,8 +608,8 @@ static PyType_Spec SharedSlot_spec = {
 typedef struct {
     PyObject_HEAD
     SharedWordsObject *words;     /* strong */
-    PyObject *base;               /* read-only memoryview of the whole segment */
     PyObject *fallback;           /* fallback(offset) -> memoryview: external values */
+    PyTypeObject *block_type;     /* strong: CellBlock */
     Py_ssize_t arena_at;          /* byte offset of the arena in the segment */
     _Atomic int closed;
 #ifdef Py_GIL_DISABLED
@@ -503,8 +617,8 @@ typedef struct {
 #endif
     int64_t cache_offset;
     int64_t cache_version;
-    PyObject *cache_view;         /* the block's data, or NULL */
-    PyObject *empty;              /* base[0:0] */
+    PyObject *cache_block;        /* CellBlock of the block last read, or NULL */
+    PyObject *empty;              /* a CellBlock of 0 bytes */
 } CellReaderObject;
 
 #ifdef Py_GIL_DISABLED
@@ -519,13 +633,13 @@ typedef struct {
 static PyObject *
 CellReader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *words, *base, *fallback;
+    PyObject *words, *fallback;
     Py_ssize_t arena_at;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
         PyErr_SetString(PyExc_TypeError, "CellReader() takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OOOn:CellReader", &words, &base, &fallback, &arena_at)) {
+    if (!PyArg_ParseTuple(args, "OOn:CellReader", &words, &fallback, &arena_at)) {
         return NULL;
     }
     PyObject *module = PyType_GetModule(type);
@@ -533,8 +647,8 @@ CellReader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     shared_state *st = get_shared_state(module);
-    if (!PyObject_TypeCheck(words, st->SharedWords_type) || !PyMemoryView_Check(base) || !PyCallable_Check(fallback)) {
-        PyErr_SetString(PyExc_TypeError, "CellReader(words, base memoryview, fallback callable, arena_at)");
+    if (!PyObject_TypeCheck(words, st->SharedWords_type) || !PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "CellReader(words, fallback callable, arena_at)");
         return NULL;
     }
     SharedWordsObject *w = (SharedWordsObject *)words;
@@ -542,7 +656,7 @@ CellReader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "CellReader() arena offset out of range");
         return NULL;
     }
-    PyObject *empty = PySequence_GetSlice(base, 0, 0);
+    PyObject *empty = new_cell_block(st->CellBlock_type, w, 0, 0);
     if (empty == NULL) {
         return NULL;
     }
@@ -552,12 +666,12 @@ CellReader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->words = (SharedWordsObject *)Py_NewRef(words);
-    self->base = Py_NewRef(base);
     self->fallback = Py_NewRef(fallback);
+    self->block_type = (PyTypeObject *)Py_NewRef(st->CellBlock_type);
     self->arena_at = arena_at;
     self->cache_offset = -1;
     self->cache_version = -1;
-    self->cache_view = NULL;
+    self->cache_block = NULL;
     self->empty = empty;
     atomic_store_explicit(&self->closed, 0, memory_order_relaxed);
     return (PyObject *)self;
@@ -568,9 +682,9 @@ CellReader_traverse(CellReaderObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->words);
-    Py_VISIT(self->base);
     Py_VISIT(self->fallback);
-    Py_VISIT(self->cache_view);
+    Py_VISIT(self->block_type);
+    Py_VISIT(self->cache_block);
     Py_VISIT(self->empty);
     return 0;
 }
@@ -579,9 +693,9 @@ static int
 CellReader_clear(CellReaderObject *self)
 {
     Py_CLEAR(self->words);
-    Py_CLEAR(self->base);
     Py_CLEAR(self->fallback);
-    Py_CLEAR(self->cache_view);
+    Py_CLEAR(self->block_type);
+    Py_CLEAR(self->cache_block);
     Py_CLEAR(self->empty);
     return 0;
 }
@@ -602,7 +716,7 @@ PyDoc_STRVAR(CellReader_read_doc,
 static PyObject *
 CellReader_read(CellReaderObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (atomic_load_explicit(&self->closed, memory_order_acquire)) {
+    if (atomic_load_explicit(&self->closed, memory_order_acquire) || self->words == NULL) {
         PyErr_SetString(PyExc_ValueError, "this SharedCell is closed in this process: open it again");
         return NULL;
     }
@@ -629,45 +743,45 @@ CellReader_read(CellReaderObject *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(arg);
         return result;
     }
-    PyObject *data = NULL;
+    PyObject *block = NULL;
     CACHE_LOCK(self);
-    if (self->cache_view != NULL && self->cache_offset == offset && self->cache_version == version) {
-        data = Py_NewRef(self->cache_view);
+    if (self->cache_block != NULL && self->cache_offset == offset && self->cache_version == version) {
+        block = Py_NewRef(self->cache_block);
     }
     CACHE_UNLOCK(self);
-    if (data == NULL) {
+    if (block == NULL) {
         int64_t length = atomic_load_explicit(&words[at + B_LENGTH], memory_order_relaxed);
-        Py_ssize_t start = self->arena_at + (Py_ssize_t)offset + BLOCK_BYTES;
-        if (length < 0 || start + length > count * 8) {
-            PyErr_SetString(PyExc_RuntimeError, "SharedCell: a block runs past the arena (a damaged segment)");
+        if (length < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "SharedCell: a block has a negative length (a damaged segment)");
             return NULL;
         }
-        data = PySequence_GetSlice(self->base, start, start + (Py_ssize_t)length);
-        if (data == NULL) {
+        block = new_cell_block(self->block_type, self->words, self->arena_at + (Py_ssize_t)offset + BLOCK_BYTES,
+                               (Py_ssize_t)length);
+        if (block == NULL) {
             return NULL;
         }
         CACHE_LOCK(self);
-        PyObject *old = self->cache_view;
-        self->cache_view = Py_NewRef(data);
+        PyObject *old = self->cache_block;
+        self->cache_block = Py_NewRef(block);
         self->cache_offset = offset;
         self->cache_version = version;
         CACHE_UNLOCK(self);
         Py_XDECREF(old);
     }
-    PyObject *view = PyMemoryView_FromObject(data);  /* the caller's own view */
-    Py_DECREF(data);
+    PyObject *view = PyMemoryView_FromObject(block);  /* the caller's own view and managed buffer */
+    Py_DECREF(block);
     return view;
 }
 
-PyDoc_STRVAR(CellReader_close_doc, "close(): later reads raise ValueError; the cached view is dropped.");
+PyDoc_STRVAR(CellReader_close_doc, "close(): later reads raise ValueError; the cached block is dropped.");
 
 static PyObject *
 CellReader_close(CellReaderObject *self, PyObject *Py_UNUSED(ignored))
 {
     atomic_store_explicit(&self->closed, 1, memory_order_release);
     CACHE_LOCK(self);
-    PyObject *old = self->cache_view;
-    self->cache_view = NULL;
+    PyObject *old = self->cache_block;
+    self->cache_block = NULL;
     CACHE_UNLOCK(self);
     Py_XDECREF(old);
     Py_RETURN_NONE;
@@ -679,8 +793,7 @@ static PyMethodDef CellReader_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-PyDoc_STRVAR(CellReader_doc,
-             "CellReader(words, base, fallback, arena_at): SharedCell.read()'s fast path.");
+PyDoc_STRVAR(CellReader_doc, "CellReader(words, fallback, arena_at): SharedCell.read()'s fast path.");
 
 static PyType_Slot CellReader_slots[] = {
     {Py_tp_new, CellReader_new},
@@ -718,7 +831,8 @@ shared_exec(PyObject *module)
     shared_state *st = get_shared_state(module);
     if (add_type(module, &SharedWords_spec, &st->SharedWords_type) < 0
         || add_type(module, &SharedSlot_spec, &st->SharedSlot_type) < 0
-        || add_type(module, &CellReader_spec, &st->CellReader_type) < 0) {
+        || add_type(module, &CellReader_spec, &st->CellReader_type) < 0
+        || add_type(module, &CellBlock_spec, &st->CellBlock_type) < 0) {
         return -1;
     }
     return 0;
@@ -731,6 +845,7 @@ shared_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->SharedWords_type);
     Py_VISIT(st->SharedSlot_type);
     Py_VISIT(st->CellReader_type);
+    Py_VISIT(st->CellBlock_type);
     return 0;
 }
 
@@ -741,6 +856,7 @@ shared_clear(PyObject *module)
     Py_CLEAR(st->SharedWords_type);
     Py_CLEAR(st->SharedSlot_type);
     Py_CLEAR(st->CellReader_type);
+    Py_CLEAR(st->CellBlock_type);
     return 0;
 }
 

@@ -124,14 +124,19 @@ class SharedCell:
         self._closed = False
         # read() is the C fast path (_shared.c, CellReader), set on the
         # instance; values in segments of their own go to _read_external.
-        self._reader = kernel.CellReader(words, self._view, self._read_external, ARENA_AT)
+        self._reader = kernel.CellReader(words, self._read_external, ARENA_AT)
         self.read = self._reader.read  # type: ignore[method-assign]
         self._new_process_state()
         _fork.track(self)
 
     def _new_process_state(self) -> None:
-        self._lock = threading.Lock()
-        self._external: tuple[str, memoryview] | None = None  # the last external value this process mapped
+        self._lock = threading.Lock()  # C1, the in-process half
+        # Not the publish lock: a reader must never wait for a writer (who may
+        # be waiting for that reader's quiescent state).
+        self._external_lock = threading.Lock()
+        self._external: tuple[str, Any] | None = (
+            None  # the last external value this process mapped (CellBlock)
+        )
 
     @staticmethod
     def _check_layout(words: Any, name: str, size: int) -> int:
@@ -204,14 +209,18 @@ class SharedCell:
         start = ARENA_AT + offset + BLOCK
         name = bytes(self._view[start : start + self._words.load(at + B_NAMELEN)]).decode()
         cached = self._external
-        if cached is not None and cached[0] == name:
-            return cached[1][:length]
-        # The reader is attached, so the segment is not unlinked before its
-        # next quiescent state (C3): opening it by name succeeds. The mapping
-        # lives as long as views of it do.
-        view = memoryview(shm.open_existing(name, writable=False))
-        self._external = (name, view)
-        return view[:length]
+        if cached is None or cached[0] != name:
+            with self._external_lock:
+                cached = self._external
+                if cached is None or cached[0] != name:
+                    # The reader is attached, so the segment is not unlinked
+                    # before its next quiescent state (C3): opening it by name
+                    # succeeds. Views are views of a CellBlock (_shared.c), as
+                    # for values in the arena: threads share no export counts.
+                    words = kernel.SharedWords(shm.open_existing(name))
+                    cached = (name, words.block(0, length))
+                    self._external = cached
+        return memoryview(cached[1])
 
     def read_bytes(self) -> bytes:
         """A copy of the current value (a registered thread's read())."""
