@@ -88,7 +88,8 @@ verify:
 # LeakSanitizer, which reports the interpreter's own allocations at exit.
 SANITIZE_TESTS ?= tests/test_kernel.py tests/test_stress.py tests/test_torture.py tests/test_cell.py \
 	tests/test_shared_array.py tests/test_buffer_pool.py tests/test_sections.py tests/test_handle.py \
-	tests/test_threads.py tests/test_release.py tests/test_pool_core.py
+	tests/test_threads.py tests/test_release.py tests/test_pool_core.py tests/test_shared_domain.py \
+	tests/test_shared_cell.py
 # Free-threaded builds allocate objects with mimalloc only (no PYTHONMALLOC=malloc).
 SANITIZE_MALLOC := $(if $(filter %t,$(TAG)),,PYTHONMALLOC=malloc)
 SANITIZE_RUNTIMES = $$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)

@@ -289,3 +289,34 @@ def test_threads_of_one_process_read_the_same_value_at_once(make_cell) -> None:
         for t in threads:
             t.join(10)
     assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_reads_leak_nothing(make_cell) -> None:
+    """The C read path: a view per call, a cached block per value; nothing
+    kept once the views are gone (references and traced memory flat)."""
+    import gc
+    import tracemalloc
+
+    c = make_cell(capacity=1 << 16)
+    h = c.domain.register()
+    big = os.urandom(100_000)  # a value in a segment of its own: the Python path
+
+    def loop(n: int) -> None:
+        for i in range(n):
+            if i % 1000 == 0:
+                c.publish(big if i % 2000 else b"v" * (i % 900))
+            with c.read() as v:
+                len(v)
+            c.read()
+            h.quiescent()
+
+    loop(5000)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    loop(20_000)
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename") if s.size_diff > 0)
+    assert grown < 64 * 1024, grown  # a leaked view or block per read would be megabytes
