@@ -281,7 +281,7 @@ class SharedCell:
             w.store(at + B_NAMELEN, len(encoded))
             self._mm[start : start + len(encoded)] = encoded
             w.store(C_JOURNAL_EXT, 1)  # from here a recovery unlinks the name
-            segment = shm.create(ext_name, max(n, 1))
+            segment = shm.create(ext_name, _round(max(n, 1)))  # whole words: SharedWords maps it
             segment[:n] = value
             segment.close()
             w.add(C_EXTERNAL, 1)
