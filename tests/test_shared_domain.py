@@ -427,3 +427,19 @@ def test_a_forked_child_does_not_inherit_slots(make_domain) -> None:
         os.close(r)
         os.waitpid(pid, 0)
     assert d.stats().threads == 1
+
+
+@native
+def test_an_opener_waits_for_a_creator_still_writing_the_header() -> None:
+    name = shm.new_name("qsbr_test_early_")
+    mm = shm.create(name, sd.layout_words(4) * 8)  # sized, all zeros: no magic yet
+    words = qsbr.kernel.SharedWords(mm)
+    t = threading.Timer(0.1, sd.SharedDomain._initialize, (words, 4))
+    t.start()
+    try:
+        d = qsbr.SharedDomain(name)
+        assert d.capacity == 4 and d.wr_seq == 1
+        d.close()
+    finally:
+        t.join(10)
+        shm.unlink(name)

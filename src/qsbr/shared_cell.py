@@ -140,6 +140,9 @@ class SharedCell:
 
     @staticmethod
     def _check_layout(words: Any, name: str, size: int) -> int:
+        deadline = time.monotonic() + 2.0
+        while words.count * 8 >= HEADER_BYTES and words.load(C_MAGIC) == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # a segment just made: its creator is writing the header
         if words.count * 8 < HEADER_BYTES or words.load(C_MAGIC) != MAGIC:
             raise ValueError(f"shared-memory segment {name!r} is not a qsbr SharedCell (no qsbr magic)")
         if words.load(C_VERSION_LAYOUT) != LAYOUT_VERSION:

@@ -282,6 +282,9 @@ class SharedDomain:
 
     @staticmethod
     def _check_layout(words: Any, name: str) -> int:
+        deadline = time.monotonic() + 2.0
+        while words.count >= HEADER_WORDS and words.load(H_MAGIC) == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # a segment just made: its creator is writing the header
         if words.count < HEADER_WORDS or words.load(H_MAGIC) != MAGIC:
             raise ValueError(f"shared-memory segment {name!r} is not a qsbr SharedDomain (no qsbr magic)")
         if words.load(H_VERSION) != LAYOUT_VERSION:

@@ -36,6 +36,7 @@ import os
 import secrets
 import struct
 import sys
+import time
 
 try:
     import _posixshmem  # type: ignore[import-not-found]  # multiprocessing's, no stubs
@@ -120,6 +121,10 @@ def open_existing(name: str, *, writable: bool = True) -> mmap.mmap:
     fd = _shm_open(name, os.O_RDWR if writable else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
+        deadline = time.monotonic() + 2.0
+        while size == 0 and time.monotonic() < deadline:  # its creator has not sized it yet
+            time.sleep(0.001)
+            size = os.fstat(fd).st_size
         if size == 0:
             raise ValueError(f"shared-memory segment {name!r} is empty: it is not a qsbr segment")
         return mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
@@ -175,6 +180,6 @@ def unlock(fd: int, offset: int) -> None:
 
 def held_elsewhere(fd: int, offset: int) -> bool:
     """Whether another open file description (another process, or another
-    object of this one) holds lock ``offset``. Never true of one ``fd`` holds."""
+    object of this one) holds lock ``offset``; never true of a lock ``fd`` holds itself."""
     answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, offset))
     return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
