@@ -375,7 +375,7 @@ def kill_test(kind: str, ctx: Any) -> dict[str, Any]:
     return result
 
 
-def plot(payload: dict[str, Any]) -> Path | None:
+def plot(payload: dict[str, Any], tag: str | None = None) -> Path | None:
     try:
         import matplotlib
 
@@ -394,9 +394,9 @@ def plot(payload: dict[str, Any]) -> Path | None:
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("reads/s (all readers)")
     axes[-1].legend(fontsize=8)
-    fig.suptitle(f"A value shared across processes ({build_tag()})")
+    fig.suptitle(f"A value shared across processes ({tag or build_tag()})")
     fig.tight_layout()
-    path = RESULTS / f"shared-{build_tag()}.png"
+    path = RESULTS / f"shared-{tag or build_tag()}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
@@ -446,4 +446,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":
+        # Plot a result written by another interpreter (matplotlib may not
+        # install there): bench_shared.py --plot results/shared-<build>.json
+        import json
+
+        source = Path(sys.argv[2])
+        print(f"  wrote {plot(json.loads(source.read_text()), source.stem.removeprefix('shared-'))}")
+    else:
+        main()
