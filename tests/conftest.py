@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+from processes import Child
 
 import qsbr
 from helpers import STEP_TIMEOUT, Worker, wait_until
@@ -61,3 +62,18 @@ def make_worker() -> Iterator[Callable[[str], Worker]]:
     yield make
     for w in made:
         w.stop()
+
+
+@pytest.fixture
+def children() -> Iterator[Callable[[], Child]]:
+    """Make child interpreters (processes.Child); each is killed at the end."""
+    made: list[Child] = []
+
+    def make() -> Child:
+        child = Child()
+        made.append(child)
+        return child
+
+    yield make
+    for child in made:
+        child.close()

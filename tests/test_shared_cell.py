@@ -11,27 +11,13 @@ import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
-from processes import Child, shm_names
+from processes import shm_names
 
 import qsbr
 from qsbr import shared_cell as scm
 from qsbr import shm
 
 pytestmark = pytest.mark.skipif(qsbr.implementation != "native", reason="SharedCell needs the native kernel")
-
-
-@pytest.fixture
-def children() -> Iterator[Callable[[], Child]]:
-    made: list[Child] = []
-
-    def make() -> Child:
-        child = Child()
-        made.append(child)
-        return child
-
-    yield make
-    for child in made:
-        child.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from processes import Child, ChildError, shm_names
+from processes import ChildError, shm_names
 
 import qsbr
 from qsbr import shared_domain as sd
@@ -22,20 +22,6 @@ native = pytest.mark.skipif(
     qsbr.implementation != "native",
     reason="SharedDomain needs the native kernel (tested: the error it raises)",
 )
-
-
-@pytest.fixture
-def children() -> Iterator[Callable[[], Child]]:
-    made: list[Child] = []
-
-    def make() -> Child:
-        child = Child()
-        made.append(child)
-        return child
-
-    yield make
-    for child in made:
-        child.close()
 
 
 @pytest.fixture

@@ -192,6 +192,12 @@ class SharedCell:
     def _block(self, offset: int, field: int) -> int:
         return (ARENA_AT + offset) // 8 + field
 
+    def _segment_name(self, offset: int) -> str:
+        """The name of the segment that holds block ``offset``'s value (an
+        EXTERNAL block's data is that name)."""
+        start = ARENA_AT + offset + BLOCK
+        return bytes(self._view[start : start + self._words.load(self._block(offset, B_NAMELEN))]).decode()
+
     # -- readers ----------------------------------------------------------------------
 
     def read(self) -> memoryview:
@@ -207,10 +213,8 @@ class SharedCell:
 
     def _read_external(self, offset: int) -> memoryview:
         """read() of a value kept in a segment of its own (the C path calls this)."""
-        at = (ARENA_AT + offset) // 8
-        length = int(self._words.load(at + B_LENGTH))
-        start = ARENA_AT + offset + BLOCK
-        name = bytes(self._view[start : start + self._words.load(at + B_NAMELEN)]).decode()
+        length = int(self._words.load(self._block(offset, B_LENGTH)))
+        name = self._segment_name(offset)
         cached = self._external
         if cached is None or cached[0] != name:
             with self._external_lock:
@@ -309,9 +313,7 @@ class SharedCell:
         if w.load(at + B_GOAL) != 0:
             return
         if w.load(at + B_KIND) == EXTERNAL:
-            start = ARENA_AT + offset + BLOCK
-            name = bytes(self._mm[start : start + w.load(at + B_NAMELEN)]).decode()
-            goal = self._domain.retire_shared_memory(name)
+            goal = self._domain.retire_shared_memory(self._segment_name(offset))
         else:
             goal = self._domain._take_goal_any_thread()
         w.store(at + B_GOAL, goal)
@@ -330,8 +332,7 @@ class SharedCell:
                 self._retire_block_locked(old)
         else:  # never visible: undo
             if w.load(C_JOURNAL_EXT):
-                start = ARENA_AT + new + BLOCK
-                shm.unlink(bytes(self._mm[start : start + w.load(at + B_NAMELEN)]).decode())
+                shm.unlink(self._segment_name(new))
             w.store(C_TAIL, new)
         w.store(C_JOURNAL_EXT, 0)
         w.store(C_JOURNAL_NEW, 0)
@@ -360,6 +361,8 @@ class SharedCell:
             w.store(C_HEAD, 0)
             w.store(C_TAIL, 0)
             return 0 if need < cap else None
+        # head == tail means empty, so no allocation may make tail reach head:
+        # hence the strict comparisons (and the wrap only when need < head).
         if tail > head:
             if tail + need < cap or (tail + need == cap and head > 0):
                 return tail
@@ -439,8 +442,7 @@ class SharedCell:
         w = self._words
         current = int(w.load(C_CURRENT))
         if current >= 0 and w.load(self._block(current, B_KIND)) == EXTERNAL:
-            start = ARENA_AT + current + BLOCK
-            shm.unlink(bytes(self._mm[start : start + w.load(self._block(current, B_NAMELEN))]).decode())
+            shm.unlink(self._segment_name(current))
         self._domain._unlink_all_pending()
         self._domain.unlink()
         shm.unlink(self._name)

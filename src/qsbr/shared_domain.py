@@ -387,20 +387,15 @@ class SharedDomain:
             return self._proc
         w = self._words
         with self._structure():
-            for entry in range(self._capacity):
-                if w.load(self._proc_word(entry, P_STATE)) == FREE:
+            for attempt in range(2):
+                if attempt == 1:
+                    self._evict_dead_locked()  # a dead process's entry becomes free
+                for entry in range(self._capacity):
+                    if w.load(self._proc_word(entry, P_STATE)) != FREE:
+                        continue
                     # D2: the liveness lock first, then the entry marked live.
                     if not shm.try_lock(self._lock_fd, LOCK_LIVE + entry):
                         continue  # its last owner is still closing
-                    w.store(self._proc_word(entry, P_PID), os.getpid())
-                    w.store(self._proc_word(entry, P_STATE), LIVE)
-                    self._proc = entry
-                    return entry
-            self._evict_dead_locked()
-            for entry in range(self._capacity):
-                if w.load(self._proc_word(entry, P_STATE)) == FREE and shm.try_lock(
-                    self._lock_fd, LOCK_LIVE + entry
-                ):
                     w.store(self._proc_word(entry, P_PID), os.getpid())
                     w.store(self._proc_word(entry, P_STATE), LIVE)
                     self._proc = entry
@@ -759,6 +754,8 @@ class SharedDomain:
         return not self._pending
 
     def _run_ready(self, rd: int) -> int:
+        # Goals are taken and appended under _plock, and wr_seq only grows, so
+        # the deque's goals are nondecreasing: the ready releases are a prefix.
         batch = []
         with self._plock:
             pending = self._pending
@@ -786,14 +783,19 @@ class SharedDomain:
             for entry in range(UNLINKS):
                 at = self._unlinks_at + entry * UNLINK_WORDS
                 if w.load(at + U_STATE) == PENDING and w.load(at + U_GOAL) <= rd:
-                    length = int(w.load(at + U_LENGTH))
-                    start = (at + U_NAME) * 8
-                    name = bytes(self._mm[start : start + length]).decode()
-                    shm.unlink(name)  # D5: the unlink, then the state
-                    w.store(at + U_STATE, FREE)
-                    w.add(H_UNLINKS_PENDING, -1)
+                    self._unlink_entry_locked(at)
                     done += 1
         return done
+
+    def _unlink_entry_locked(self, at: int) -> None:
+        """Perform the unlink table's entry at word ``at`` and free it (D1 held).
+        D5: the unlink first, then the state: a process killed between the two
+        leaves an entry whose unlink runs again and finds the name gone."""
+        w = self._words
+        start = (at + U_NAME) * 8
+        shm.unlink(bytes(self._mm[start : start + int(w.load(at + U_LENGTH))]).decode())
+        w.store(at + U_STATE, FREE)
+        w.add(H_UNLINKS_PENDING, -1)
 
     def _unlink_all_pending(self) -> int:
         """Do every unlink in the table now, ready or not: for the teardown of
@@ -810,11 +812,7 @@ class SharedDomain:
                 for entry in range(UNLINKS):
                     at = self._unlinks_at + entry * UNLINK_WORDS
                     if w.load(at + U_STATE) == PENDING:
-                        length = int(w.load(at + U_LENGTH))
-                        start = (at + U_NAME) * 8
-                        shm.unlink(bytes(self._mm[start : start + length]).decode())
-                        w.store(at + U_STATE, FREE)
-                        w.add(H_UNLINKS_PENDING, -1)
+                        self._unlink_entry_locked(at)
                         done += 1
         finally:
             if fd is not None:
